@@ -1,0 +1,106 @@
+"""mergekit glue: the ``fapm`` and ``fapm_ties`` merge methods, declared and registered.
+
+All the numerics live in :mod:`fapm_merge.kernel`; this module only declares the recipe
+parameters (validated by mergekit at planning time, before any tensor is read) and unpacks
+them per tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+import torch
+from mergekit.merge_methods import registry
+from mergekit.merge_methods.base import (
+    BasePolicy,
+    GroupMergeMethod,
+    InputContract,
+    MergeMethodSpec,
+    ParameterScope,
+    ParameterSpec,
+    TensorGroup,
+)
+from pydantic import Field
+from typing_extensions import Annotated
+
+from fapm_merge import kernel
+
+PAPER_URL = "https://arxiv.org/abs/2509.08255"
+
+Fraction01 = Annotated[float, Field(ge=0.0, le=1.0)]
+ScoreName = Literal["fapm", "magnitude", "relative", "random"]
+RescaleName = Literal["none", "density", "l1", "l2"]
+ConsensusName = Literal["sum", "count"]
+
+
+class FapmMerge(GroupMergeMethod):
+    """Prune every task vector by a base-aware score, then task arithmetic (or TIES)."""
+
+    def __init__(self, name: str, pretty_name: str, consensus: bool):
+        self.consensus = consensus
+        parameters = [
+            ParameterSpec("sparsity", Fraction01, ParameterScope.NON_BASE, default=0.9),
+            ParameterSpec("weight", float, ParameterScope.NON_BASE, default=1.0),
+            ParameterSpec("score", ScoreName, ParameterScope.SHARED, default="fapm"),
+            ParameterSpec("rescale", RescaleName, ParameterScope.SHARED, default="none"),
+            ParameterSpec("normalize", bool, ParameterScope.SHARED, default=consensus),
+            ParameterSpec("lambda", float, ParameterScope.SHARED, default=1.0),
+            ParameterSpec("seed", int, ParameterScope.SHARED, default=0),
+        ]
+        if consensus:
+            parameters.append(
+                ParameterSpec("consensus", ConsensusName, ParameterScope.SHARED, default="sum")
+            )
+        self.spec = MergeMethodSpec(
+            name=name,
+            pretty_name=pretty_name,
+            reference_url=PAPER_URL,
+            parameters=tuple(parameters),
+            contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=1),
+        )
+
+    def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
+        base = group.base.tensor
+        entries = group.non_base
+        name = group.metadata.name or "<unnamed tensor>"
+        generators = None
+        if parameters["score"] == "random":
+            generators = [
+                kernel.tensor_generator(parameters["seed"], name, index, base.device)
+                for index in range(len(entries))
+            ]
+        consensus: Optional[str] = parameters.get("consensus") if self.consensus else None
+        try:
+            return kernel.merge_task_vectors(
+                base,
+                [entry.tensor for entry in entries],
+                sparsity=[parameters["sparsity"][entry.id] for entry in entries],
+                weight=[parameters["weight"][entry.id] for entry in entries],
+                score=parameters["score"],
+                rescale=parameters["rescale"],
+                normalize=parameters["normalize"],
+                scale=parameters["lambda"],
+                consensus=consensus,
+                generators=generators,
+            )
+        except kernel.NonFiniteWeightsError as error:
+            raise kernel.NonFiniteWeightsError(
+                f"{self.spec.name}: tensor {name}: {error}"
+            ) from None
+
+
+METHODS = (
+    FapmMerge("fapm", "FAPM (Forgetting-Aware Pruning Metric)", consensus=False),
+    FapmMerge("fapm_ties", "FAPM + TIES sign consensus", consensus=True),
+)
+
+
+def register_methods() -> None:
+    """Make ``fapm`` and ``fapm_ties`` available to mergekit by name; safe to call again."""
+    known = {method.spec.name for method in registry.registered_methods()}
+    for method in METHODS:
+        if method.spec.name not in known:
+            registry.register(method)
+
+
+register_methods()
