@@ -1,0 +1,25 @@
+"""Documentation that quotes program output stays in sync with the program."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_worked_example_block_matches_the_kernel():
+    output = subprocess.run(
+        [sys.executable, str(ROOT / "docs/worked_example.py")],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    block = re.search(r"```text\n(.*?)```", (ROOT / "docs/fapm.md").read_text(), re.S).group(1)
+    assert block == output
+
+
+def test_readme_starts_with_the_two_commands():
+    lines = [l for l in (ROOT / "README.md").read_text().splitlines() if l.strip()]
+    code = "\n".join(lines[:12])
+    assert "make demo" in code and "make test" in code
+    ci = (ROOT / ".ci/run").read_text()
+    assert "make test" in ci
