@@ -114,9 +114,7 @@ def demo(out_dir: str, sparsity: float, seed: int) -> None:
     run_demo(out_dir, sparsity=sparsity, seed=seed)
 
 
-from fapm_merge.inspect_cli import inspect_command  # noqa: E402
 
-main.add_command(inspect_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -29,10 +29,16 @@ CONSENSUS = ("sum", "count")
 _LOWEST_REAL = torch.finfo(torch.float32).min
 
 # Below this size an exact kthvalue over the whole tensor is cheap; above it we bracket the
-# threshold with a sample first (kthvalue copies and partially sorts its input).
-_DIRECT_SELECTION = 1 << 22
-_SAMPLE = 1 << 20
+# threshold with a sample first (kthvalue copies and partially sorts its input) and select in
+# one chunked pass.
+_DIRECT_SELECTION = 1 << 16
+_SAMPLE = 1 << 20  # at most; n // 64 elements, at least _MIN_SAMPLE
+_MIN_SAMPLE = 1 << 14
 _TIE_CHUNK = 1 << 22
+# Slice length of the chunked passes: a few float32 buffers of this size stay in cache on a
+# CPU; accelerators want fewer, larger launches.
+_CHUNK = 1 << 18
+_ACCELERATOR_CHUNK = 1 << 24
 
 
 class NonFiniteWeightsError(ValueError):
@@ -53,16 +59,29 @@ def kept_count(numel: int, sparsity: float) -> int:
     return math.floor((1 - value) * numel)
 
 
+_NON_FINITE_CHANGE = "the task vector has NaN or infinite values (check both checkpoints)"
+
+
+def _chunks(tensor: torch.Tensor):
+    """Flat pieces of a tensor: mixed-dtype and float64 ops on whole tensors allocate a
+    converted copy of their input (1-2x the tensor); per piece that copy stays small."""
+    return tensor.reshape(-1).split(_TIE_CHUNK)
+
+
+def _sum64(tensor: torch.Tensor) -> float:
+    """Sum accumulated in float64 without a float64 copy of the whole tensor."""
+    return math.fsum(piece.sum(dtype=torch.float64).item() for piece in _chunks(tensor))
+
+
 def _task_vector_magnitude(
     base: torch.Tensor, finetuned: torch.Tensor
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """|dW| in float32 and the mask of elements that did not change (dW == 0)."""
     change = finetuned.to(torch.float32, copy=True)
-    change.sub_(base)
-    if not torch.isfinite(change.sum(dtype=torch.float64)):
-        raise NonFiniteWeightsError(
-            "the task vector has NaN or infinite values (check both checkpoints)"
-        )
+    for piece, base_piece in zip(_chunks(change), _chunks(base)):
+        piece.sub_(base_piece)
+    if not math.isfinite(_sum64(change)):
+        raise NonFiniteWeightsError(_NON_FINITE_CHANGE)
     change.abs_()
     return change, change == 0
 
@@ -70,7 +89,7 @@ def _task_vector_magnitude(
 def _mean_abs(base: torch.Tensor) -> Tuple[torch.Tensor, float]:
     """|W_pre| in float32 and its mean accumulated in float64."""
     magnitude = base.to(torch.float32, copy=True).abs_()
-    mean = magnitude.sum(dtype=torch.float64).item() / max(1, magnitude.numel())
+    mean = _sum64(magnitude) / max(1, magnitude.numel())
     if not math.isfinite(mean):
         raise NonFiniteWeightsError("the base weight has NaN or infinite values")
     return magnitude, mean
@@ -82,6 +101,112 @@ def _finish(score: torch.Tensor, unchanged: torch.Tensor) -> torch.Tensor:
     score.clamp_(min=_LOWEST_REAL)
     score.masked_fill_(unchanged, -math.inf)
     return score
+
+
+# --------------------------------------------------------------------------- chunked FAPM score
+#
+# The FAPM score is computed chunk by chunk into small reused buffers, so the several float32
+# passes it takes stay in cache and no tensor-sized float32 temporary is allocated (page
+# faults from such temporaries were half the CPU time of a whole-tensor implementation).
+# Each chunk goes through exactly the float32 operations of the whole-tensor formula
+# ``|dW| * (1 - m / |W_pre|)``, in the same order, so scores are bit-identical to it.
+
+
+def _chunk_size(device: torch.device) -> int:
+    return _CHUNK if device.type == "cpu" else _ACCELERATOR_CHUNK
+
+
+def _mean_abs_value(flat: torch.Tensor) -> float:
+    """mean(|W_pre|), accumulated in float64 slice by slice (no tensor-sized temporary).
+
+    A non-finite base makes the task vector non-finite as well, hence the same error.
+    """
+    total = 0.0
+    step = _chunk_size(flat.device) * 4
+    for start in range(0, flat.numel(), step):
+        total += flat[start : start + step].abs().sum(dtype=torch.float64).item()
+    if not math.isfinite(total):
+        raise NonFiniteWeightsError(_NON_FINITE_CHANGE)
+    return total / max(1, flat.numel())
+
+
+def _penalty_table(dtype: torch.dtype, mean: float, device: torch.device) -> torch.Tensor:
+    """``1 - mean / |W_pre|`` for every 16-bit magnitude bit pattern (index: bits & 0x7FFF).
+
+    Computed with the same float32 operations as the formula, so a lookup gives bit-identical
+    values; one gather replaces four float32 passes (a division among them) per element.
+    """
+    bits = torch.arange(1 << 15, dtype=torch.int16, device=device)
+    table = bits.view(dtype).to(torch.float32)
+    torch.reciprocal(table, out=table)
+    return table.mul_(-mean).add_(1.0)
+
+
+class _FapmChunks:
+    """FAPM scores of slices ``[start, stop)`` of a flattened pair, in reused buffers."""
+
+    def __init__(self, base: torch.Tensor, finetuned: torch.Tensor):
+        self.base, self.finetuned = base.reshape(-1), finetuned.reshape(-1)
+        self.mean = _mean_abs_value(self.base)
+        size = max(1, min(self.base.numel(), _chunk_size(base.device)))
+        self.size = size
+        device = base.device
+        self.change = torch.empty(size, dtype=torch.float32, device=device)
+        self.score = torch.empty(size, dtype=torch.float32, device=device)
+        self.table: Optional[torch.Tensor] = None
+        if base.dtype in (torch.bfloat16, torch.float16) and self.mean != 0:
+            self.table = _penalty_table(base.dtype, self.mean, device)
+            self.index = torch.empty(size, dtype=torch.int32, device=device)
+        self.largest_change: list = []  # max |dW| per slice: NaN or inf there is a bad input
+
+    def raw(self, start: int, stop: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Score of the slice before the edge-case fix-up of :func:`_finish`.
+
+        Equal to the final score wherever that is > 0; elsewhere it can be 0, NaN or -inf.
+        ``|dW|`` of the slice is left in ``self.change[: stop - start]``.
+        """
+        m = stop - start
+        base = self.base[start:stop]
+        change = self.change[:m]
+        change.copy_(self.finetuned[start:stop])
+        change.sub_(base).abs_()
+        self.largest_change.append(change.amax())
+        score = self.score[:m] if out is None else out
+        if self.mean == 0:  # all-zero base: no relative change is defined, S = |dW|
+            return score.copy_(change)
+        if self.table is not None:
+            index = self.index[:m]
+            index.copy_(base.view(torch.int16))
+            index.bitwise_and_(0x7FFF)
+            torch.index_select(self.table, 0, index, out=score)
+        else:
+            score.copy_(base).abs_()
+            torch.reciprocal(score, out=score)
+            score.mul_(-self.mean).add_(1.0)
+        return score.mul_(change)
+
+    def exact(self, start: int, stop: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Final score of the slice, bit-equal to the whole-tensor formula."""
+        score = self.raw(start, stop, out)
+        return _finish(score, self.change[: stop - start] == 0)
+
+    def sample(self, picks: torch.Tensor) -> torch.Tensor:
+        """Final scores at the flat positions ``picks`` (same operations, same values)."""
+        other = _FapmChunks.__new__(_FapmChunks)
+        other.__dict__.update(self.__dict__)
+        other.base, other.finetuned = self.base[picks], self.finetuned[picks]
+        m = picks.numel()
+        other.change = torch.empty(m, dtype=torch.float32, device=picks.device)
+        other.score = torch.empty(m, dtype=torch.float32, device=picks.device)
+        if self.table is not None:
+            other.index = torch.empty(m, dtype=torch.int32, device=picks.device)
+        other.largest_change = []
+        return other.exact(0, m)
+
+    def check_finite(self) -> None:
+        if self.largest_change and not bool(torch.stack(self.largest_change).isfinite().all()):
+            raise NonFiniteWeightsError(_NON_FINITE_CHANGE)
+        self.largest_change = []
 
 
 def forgetting_score(base: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
@@ -98,17 +223,18 @@ def forgetting_score(base: torch.Tensor, finetuned: torch.Tensor) -> torch.Tenso
           lowest finite float32, so such changes rank after every other real change;
         - ``mean(|W_pre|) == 0`` (an all-zero base tensor): no relative change is defined, the
           penalty is dropped and ``S = |dW|``.
+
+    Computed as ``|dW| * (1 - m / |W_pre|)`` in float32 (``m`` accumulated in float64), slice
+    by slice: the only tensor-sized allocation is the result.
     """
-    magnitude, unchanged = _task_vector_magnitude(base, finetuned)
-    penalty, mean = _mean_abs(base)
-    if mean == 0:
-        del penalty
-        return _finish(magnitude, unchanged)
-    # S = |dW| * (1 - m / |W_pre|), computed in place in the |W_pre| buffer.
-    torch.reciprocal(penalty, out=penalty)
-    penalty.mul_(-mean).add_(1.0).mul_(magnitude)
-    del magnitude
-    return _finish(penalty, unchanged)
+    chunks = _FapmChunks(base, finetuned)
+    n = chunks.base.numel()
+    scores = torch.empty(n, dtype=torch.float32, device=base.device)
+    for start in range(0, n, chunks.size):
+        stop = min(n, start + chunks.size)
+        chunks.exact(start, stop, out=scores[start:stop])
+    chunks.check_finite()
+    return scores.view(base.shape)
 
 
 def magnitude_score(base: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
@@ -156,26 +282,106 @@ def score_task_vector(
     return functions[score](base, finetuned)
 
 
-def _kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
+# --------------------------------------------------------------------------- exact selection
+#
+# Top k without a sort: a fixed-seed random sample of the scores brackets the threshold,
+# [lo, hi]; one pass over the scores, slice by slice, marks everything above ``hi`` as kept
+# and collects the few elements inside the bracket with their flat indices; an exact
+# kthvalue on those gives the threshold, and ties at it are admitted lowest index first
+# (the collected indices are ascending). A bracket that misses (only by extreme bad luck with
+# a sample this size) is detected by the counts and the selection falls back to an exact
+# search on the side where the threshold lies.
+
+
+def _sample_size(n: int) -> int:
+    return max(1, min(_SAMPLE, max(_MIN_SAMPLE, n // 64)))
+
+
+def _sample_picks(n: int, device: torch.device) -> torch.Tensor:
+    generator = torch.Generator(device=device).manual_seed(n)
+    return torch.randint(n, (_sample_size(n),), generator=generator, device=device)
+
+
+def _bracket(sample: torch.Tensor, n: int, k: int) -> Tuple[float, float]:
+    """[lo, hi] around the k-th largest of n values, from a sample of them (infinite if open)."""
+    size = sample.numel()
+    ordered = torch.sort(sample).values
+    position = (n - k) / n * (size - 1)  # where the threshold sits in the sorted sample
+    q = k / n
+    margin = 6.0 * math.sqrt(size * q * (1 - q)) + 32.0
+    lo_pos, hi_pos = int(position - margin), int(math.ceil(position + margin))
+    lo = ordered[lo_pos].item() if lo_pos > 0 else -math.inf
+    hi = ordered[hi_pos].item() if hi_pos < size - 1 else math.inf
+    return lo, hi
+
+
+def _scan(
+    n: int,
+    step: int,
+    lo: float,
+    hi: float,
+    scores_of: Callable[[int, int], torch.Tensor],
+    above_into: Callable[[int, int], torch.Tensor],
+    emit: Optional[Callable[[int, int, torch.Tensor], None]] = None,
+) -> Tuple[int, torch.Tensor, torch.Tensor]:
+    """One pass over the scores, slice by slice.
+
+    For each slice, ``scores_of(start, stop)`` gives its scores; ``score > hi`` is written into
+    ``above_into(start, stop)`` (and handed to ``emit``); elements with ``lo <= score <= hi``
+    are collected. Returns (count above ``hi``, candidate values, their ascending flat indices).
+    """
+    above_count = None
+    values, indices = [], []
+    inside_buffer = None
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        scores = scores_of(start, stop)
+        above = torch.gt(scores, hi, out=above_into(start, stop))
+        count = torch.count_nonzero(above)
+        above_count = count if above_count is None else above_count + count
+        if emit is not None:
+            emit(start, stop, above)
+        if inside_buffer is None:
+            inside_buffer = torch.empty(step, dtype=torch.bool, device=scores.device)
+        inside = torch.ge(scores, lo, out=inside_buffer[: stop - start])
+        inside.logical_xor_(above)  # above is a subset of scores >= lo
+        where = inside.nonzero().squeeze(1)
+        if where.numel():
+            values.append(scores[where])
+            indices.append(where.add_(start))
+    device = above_into(0, 0).device
+    if values:
+        found_values, found_indices = torch.cat(values), torch.cat(indices)
+    else:
+        found_values = torch.empty(0, dtype=torch.float32, device=device)
+        found_indices = torch.empty(0, dtype=torch.int64, device=device)
+    return int(above_count if above_count is not None else 0), found_values, found_indices
+
+
+def _resolve(
+    k: int, above: int, values: torch.Tensor, indices: torch.Tensor
+) -> Optional[torch.Tensor]:
+    """Flat indices to keep besides those above the bracket; None if the bracket missed."""
+    need = k - above
+    if need <= 0 or need > values.numel():
+        return None
+    threshold = torch.kthvalue(values, values.numel() - need + 1).values
+    over = values > threshold
+    ties = need - int(torch.count_nonzero(over))
+    tied = indices[values == threshold][:ties]
+    return torch.cat([indices[over], tied])
+
+
+def _kth_largest_exact(flat: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th largest value of a 1-D float tensor (1 <= k <= n), exactly, as a 0-d tensor.
 
     Large inputs: a fixed-seed sample brackets the threshold, then an exact kthvalue runs on
-    the few elements inside the bracket. A bracket that misses (it cannot for a sample this
-    size except by extreme bad luck) falls back to the open side.
+    the elements inside the bracket; if the bracket missed, on the side where it lies.
     """
     n = flat.numel()
     if n <= _DIRECT_SELECTION:
         return torch.kthvalue(flat, n - k + 1).values
-    generator = torch.Generator(device=flat.device).manual_seed(n)
-    picks = torch.randint(n, (_SAMPLE,), generator=generator, device=flat.device)
-    sample = torch.sort(flat[picks]).values
-    position = (n - k) / n * (_SAMPLE - 1)  # where the threshold sits in the sorted sample
-    q = k / n
-    margin = 6.0 * math.sqrt(_SAMPLE * q * (1 - q)) + 32.0
-    lo_pos, hi_pos = int(position - margin), int(math.ceil(position + margin))
-    lo = sample[lo_pos].item() if lo_pos > 0 else -math.inf
-    hi = sample[hi_pos].item() if hi_pos < _SAMPLE - 1 else math.inf
-    del sample, picks
+    lo, hi = _bracket(flat[_sample_picks(n, flat.device)], n, k)
     above = int(torch.count_nonzero(flat > hi)) if hi < math.inf else 0
     if above >= k:  # missed low: the threshold is above the bracket
         inside, above = flat > hi, 0
@@ -191,6 +397,11 @@ def _kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
     del inside
     need = k - above
     return torch.kthvalue(candidates, candidates.numel() - need + 1).values
+
+
+def _kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest value of a 1-D float tensor (1 <= k <= n), exactly, as a 0-d tensor."""
+    return _kth_largest_exact(flat, k)
 
 
 def _admit_ties(flat: torch.Tensor, threshold: torch.Tensor, keep: torch.Tensor, count: int):
@@ -211,6 +422,16 @@ def _admit_ties(flat: torch.Tensor, threshold: torch.Tensor, keep: torch.Tensor,
             return
 
 
+def _keep_top_k_exact(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """Threshold, then ties: the fallback of :func:`keep_top_k` (1 <= k < n)."""
+    threshold = _kth_largest_exact(flat, k)
+    keep = flat > threshold
+    missing = k - int(torch.count_nonzero(keep))
+    if missing > 0:
+        _admit_ties(flat, threshold, keep, missing)
+    return keep
+
+
 def keep_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the ``k`` largest entries of ``scores``, exactly ``k`` of them.
 
@@ -219,8 +440,8 @@ def keep_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
         k: clipped to ``[0, scores.numel()]``.
 
     Ties at the threshold go to the lowest flat (row-major) indices: the same set as a stable
-    descending sort. No full sort and no ``torch.quantile``: extra memory is a few boolean
-    masks plus a small candidate set, so tensors of any size go through.
+    descending sort. No full sort and no ``torch.quantile``: one pass over the scores after a
+    small sample; extra memory is the mask, a slice-sized buffer and the bracket's candidates.
     """
     flat = scores.reshape(-1)
     n = flat.numel()
@@ -228,17 +449,76 @@ def keep_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(scores, dtype=torch.bool)
     if k >= n:
         return torch.ones_like(scores, dtype=torch.bool)
-    threshold = _kth_largest(flat, k)
-    keep = flat > threshold
-    missing = k - int(torch.count_nonzero(keep))
-    if missing > 0:
-        _admit_ties(flat, threshold, keep, missing)
+    if n <= _DIRECT_SELECTION:
+        return _keep_top_k_exact(flat, k).view(scores.shape)
+    lo, hi = _bracket(flat[_sample_picks(n, flat.device)], n, k)
+    keep = torch.empty(n, dtype=torch.bool, device=flat.device)
+    above, values, indices = _scan(
+        n, _chunk_size(flat.device), lo, hi, lambda a, b: flat[a:b], lambda a, b: keep[a:b]
+    )
+    admitted = _resolve(k, above, values, indices)
+    if admitted is None:
+        return _keep_top_k_exact(flat, k).view(scores.shape)
+    keep[admitted] = True
     return keep.view(scores.shape)
 
 
 def keep_top_fraction(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """:func:`keep_top_k` with ``k = kept_count(scores.numel(), sparsity)``."""
     return keep_top_k(scores, kept_count(scores.numel(), sparsity))
+
+
+def _fapm_top_k(
+    base: torch.Tensor, finetuned: torch.Tensor, k: int, out: Optional[torch.Tensor] = None
+) -> Optional[torch.Tensor]:
+    """FAPM's kept set in one fused pass over the pair, or None where it does not apply.
+
+    The scores are never stored: each slice is scored, compared with the bracket and dropped.
+    With ``out`` (same dtype as both inputs) the pruned result ``where(kept, W_ft, W_pre)`` is
+    written there directly and ``out`` is returned; otherwise the boolean mask is returned.
+
+    It applies when the bracket's lower end is > 0, the common case (sparsity above about
+    0.5): then every element that can be kept has a positive score, which the raw slice score
+    gives exactly, and the edge-case fix-up (-inf, clamping) can be skipped since it only
+    touches scores <= 0. Elsewhere (and for a bracket that misses) None is returned, and the
+    caller takes the general path.
+    """
+    n = base.numel()
+    if n <= _DIRECT_SELECTION or not 0 < k < n:
+        return None
+    chunks = _FapmChunks(base, finetuned)
+    if chunks.mean == 0:
+        return None
+    lo, hi = _bracket(chunks.sample(_sample_picks(n, base.device)), n, k)
+    if not lo > 0:
+        chunks.check_finite()
+        return None
+    flat_out = None if out is None else out.view(-1)
+    keep = None
+    if flat_out is None:
+        keep = torch.empty(n, dtype=torch.bool, device=base.device)
+        above_into = lambda a, b: keep[a:b]  # noqa: E731
+        emit = None
+    else:
+        buffer = torch.empty(chunks.size, dtype=torch.bool, device=base.device)
+        above_into = lambda a, b: buffer[: b - a]  # noqa: E731
+
+        def emit(start: int, stop: int, above: torch.Tensor) -> None:
+            torch.where(
+                above, chunks.finetuned[start:stop], chunks.base[start:stop],
+                out=flat_out[start:stop],
+            )
+
+    above, values, indices = _scan(n, chunks.size, lo, hi, chunks.raw, above_into, emit)
+    chunks.check_finite()
+    admitted = _resolve(k, above, values, indices)
+    if admitted is None:
+        return None
+    if flat_out is None:
+        keep[admitted] = True
+        return keep.view(base.shape)
+    flat_out[admitted] = chunks.finetuned[admitted]
+    return out
 
 
 def prune_mask(
@@ -259,9 +539,31 @@ def prune_mask(
         return torch.zeros_like(base, dtype=torch.bool)
     if k == n:  # sparsity 0 keeps every change; no scoring needed
         return torch.ones_like(base, dtype=torch.bool)
+    if score == "fapm":
+        mask = _fapm_top_k(base, finetuned, k)
+        if mask is not None:
+            return mask
     scores = score_task_vector(base, finetuned, score, generator)
     changed = n - int(torch.count_nonzero(scores == -math.inf))
     return keep_top_k(scores, min(k, changed))
+
+
+def _pruned(
+    base: torch.Tensor,
+    finetuned: torch.Tensor,
+    sparsity: float,
+    score: str,
+    generator: Optional[torch.Generator],
+) -> torch.Tensor:
+    """``where(prune_mask(...), finetuned, base)`` in base's dtype; fused for FAPM."""
+    if score == "fapm" and finetuned.dtype == base.dtype:
+        k = kept_count(base.numel(), sparsity)
+        out = torch.empty_like(base, memory_format=torch.contiguous_format)
+        if _fapm_top_k(base, finetuned, k, out=out) is not None:
+            return out
+        del out
+    mask = prune_mask(base, finetuned, sparsity, score, generator)
+    return torch.where(mask, finetuned.to(base.dtype), base)
 
 
 def fapm_prune(
@@ -269,8 +571,7 @@ def fapm_prune(
 ) -> torch.Tensor:
     """``W_pre + dW_kept`` for one fine-tune: kept elements are bit-equal to ``finetuned``,
     pruned ones bit-equal to ``base``; dtype and device of ``base``."""
-    mask = prune_mask(base, finetuned, sparsity, score)
-    return torch.where(mask, finetuned.to(base.dtype), base)
+    return _pruned(base, finetuned, sparsity, score, None)
 
 
 def rescale_factor(
@@ -352,8 +653,7 @@ def merge_task_vectors(
         and (normalize or weight[0] == 1.0)
     )
     if single_identity:
-        mask = prune_mask(base, finetuned[0], sparsity[0], score, generators[0])
-        return torch.where(mask, finetuned[0].to(base.dtype), base)
+        return _pruned(base, finetuned[0], sparsity[0], score, generators[0])
 
     deltas = []
     for model, s, w, g in zip(finetuned, sparsity, weight, generators):
