@@ -152,7 +152,9 @@ def summarize(base_sd, finetuned_sd, merged_sd, sparsity: float) -> List[Dict[st
 def run_demo(out_dir: str, sparsity: float = 0.9, seed: int = 0) -> Dict[str, object]:
     """Build, merge, reload and report; returns the figures it printed."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # four tiny loads; their bars are noise
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     print(f"[1/4] training a tiny base and fine-tune in {out_dir}")
