@@ -17,7 +17,6 @@ from mergekit.options import MergeOptions, add_merge_options
 from fapm_merge import __version__
 from fapm_merge.recipe import RecipeError, check_recipe_file
 
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fapm-merge")
 def main() -> None:
@@ -27,13 +26,11 @@ def main() -> None:
     `mergekit-yaml recipe.yml OUT` runs them; these commands add checks and tools around it.
     """
 
-
 def _checked(config_file: str, check_models: bool = True):
     try:
         return check_recipe_file(config_file, check_models=check_models)
     except RecipeError as error:
         raise click.ClickException(str(error)) from None
-
 
 @main.command()
 @click.argument("config_file", type=click.Path(dir_okay=False))
@@ -55,13 +52,16 @@ def validate(config_file: str, no_model_check: bool) -> None:
         click.echo(f"ok{label}: merge_method {recipe.config.merge_method}, "
                    f"{len(recipe.config.referenced_models())} model(s)")
 
-
 @main.command()
 @click.argument("config_file", type=click.Path(dir_okay=False))
 @click.argument("out_path", type=click.Path(file_okay=False))
 @click.option("--force", is_flag=True, help="Replace OUT_PATH if it already exists.")
+@click.option("--manifest", is_flag=True,
+              help="Record what FAPM pruned per tensor in OUT_PATH/fapm_manifest.jsonl.")
 @add_merge_options
-def run(merge_options: MergeOptions, config_file: str, out_path: str, force: bool) -> None:
+def run(
+    merge_options: MergeOptions, config_file: str, out_path: str, force: bool, manifest: bool
+) -> None:
     """Validate, then merge CONFIG_FILE into OUT_PATH (same options as mergekit-yaml).
 
     The merge is written to a temporary folder beside OUT_PATH and moved into place only
@@ -85,6 +85,8 @@ def run(merge_options: MergeOptions, config_file: str, out_path: str, force: boo
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_path)}.partial-", dir=parent)
     with open(config_file, encoding="utf-8") as handle:
         source = handle.read()
+    if manifest:  # see fapm_merge.manifest (an explicit `manifest: path` in the recipe wins)
+        os.environ["FAPM_MANIFEST"] = os.path.join(staging, "fapm_manifest.jsonl")
     try:
         run_merge(recipes[0].config, staging, options=merge_options, config_source=source)
     except BaseException as error:
@@ -98,7 +100,6 @@ def run(merge_options: MergeOptions, config_file: str, out_path: str, force: boo
         shutil.rmtree(out_path)
     os.replace(staging, out_path)
     click.echo(f"merged model written to {out_path}", err=True)
-
 
 @main.command()
 @click.argument("out_dir", type=click.Path(file_okay=False), default="out/demo")
@@ -114,7 +115,9 @@ def demo(out_dir: str, sparsity: float, seed: int) -> None:
     run_demo(out_dir, sparsity=sparsity, seed=seed)
 
 
+from fapm_merge.inspect_cli import inspect_command  # noqa: E402
 
+main.add_command(inspect_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

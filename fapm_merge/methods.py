@@ -7,7 +7,7 @@ them per tensor.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import torch
 from mergekit.merge_methods import registry
@@ -23,7 +23,7 @@ from mergekit.merge_methods.base import (
 from pydantic import Field
 from typing_extensions import Annotated
 
-from fapm_merge import kernel
+from fapm_merge import kernel, manifest
 
 PAPER_URL = "https://arxiv.org/abs/2509.08255"
 
@@ -46,6 +46,8 @@ class FapmMerge(GroupMergeMethod):
             ParameterSpec("normalize", bool, ParameterScope.SHARED, default=consensus),
             ParameterSpec("lambda", float, ParameterScope.SHARED, default=1.0),
             ParameterSpec("seed", int, ParameterScope.SHARED, default=0),
+            # Opt-in per-tensor pruning record (JSON lines); see fapm_merge.manifest.
+            ParameterSpec("manifest", Union[bool, str], ParameterScope.SHARED, default=False),
         ]
         if consensus:
             parameters.append(
@@ -71,7 +73,7 @@ class FapmMerge(GroupMergeMethod):
             ]
         consensus: Optional[str] = parameters.get("consensus") if self.consensus else None
         try:
-            return kernel.merge_task_vectors(
+            merged = kernel.merge_task_vectors(
                 base,
                 [entry.tensor for entry in entries],
                 sparsity=[parameters["sparsity"][entry.id] for entry in entries],
@@ -87,6 +89,20 @@ class FapmMerge(GroupMergeMethod):
             raise kernel.NonFiniteWeightsError(
                 f"{self.spec.name}: tensor {name}: {error}"
             ) from None
+        manifest_path = manifest.target(parameters.get("manifest", False))
+        if manifest_path:
+            manifest.record(
+                manifest_path,
+                method=self.spec.name,
+                tensor=name,
+                base=base,
+                finetuned=[entry.tensor for entry in entries],
+                models=[str(entry.id) for entry in entries],
+                sparsity=[parameters["sparsity"][entry.id] for entry in entries],
+                score=parameters["score"],
+                seed=parameters["seed"],
+            )
+        return merged
 
 
 METHODS = (
