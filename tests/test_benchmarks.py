@@ -1,0 +1,84 @@
+"""Smoke test of the benchmark scripts in quick mode: they run end to end, every method runs,
+and the JSON / markdown results have the expected structure. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "benchmarks"
+
+
+def _run(script: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, FAPM_BENCH_CACHE=str(tmp_path / "cache"), TQDM_DISABLE="1")
+    return subprocess.run(
+        [sys.executable, str(BENCH / script), *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    """Both scripts in quick mode, started together (each is mostly waiting on children)."""
+    tmp = tmp_path_factory.mktemp("bench")
+    env = dict(os.environ, FAPM_BENCH_CACHE=str(tmp / "cache"), TQDM_DISABLE="1")
+    runs = {
+        name: subprocess.Popen(
+            [sys.executable, str(BENCH / f"{name}.py"), "--quick", "--out", str(tmp / name)],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for name in ("bench_merge", "bench_selection")
+    }
+    outputs = {name: proc.communicate(timeout=300)[0] for name, proc in runs.items()}
+    for name, proc in runs.items():
+        assert proc.returncode == 0, f"{name} failed:\n{outputs[name][-4000:]}"
+    return tmp
+
+
+def test_merge_quick_runs_every_method(quick_results):
+    sys.path.insert(0, str(BENCH))
+    import bench_merge
+
+    result = json.loads((quick_results / "bench_merge" / "merge.json").read_text())
+    expected = {"io_floor", *bench_merge.METHODS}
+    assert set(result["medians"]) == expected
+    assert {run["method"] for run in result["runs"]} == expected
+    for row in result["medians"].values():
+        assert row["wall_s"] > 0 and row["cpu_s"] > 0 and row["peak_rss_gb"] > 0
+        assert {"wall_vs_ta", "wall_vs_floor", "rss_vs_ta"} <= set(row)
+    assert result["medians"]["task_arithmetic"]["wall_vs_ta"] == pytest.approx(1.0)
+    assert result["meta"]["quick"] is True and result["meta"]["rounds"] == 1
+    for key in ("nproc", "ram_gb", "cpu", "torch", "mergekit", "command"):
+        assert key in result["meta"]
+    assert set(result["targets"]) >= {"fapm wall <= 1.5x task_arithmetic"}
+    table = (quick_results / "bench_merge" / "merge.md").read_text()
+    assert "| `fapm` |" in table and "| `io_floor` |" in table
+
+
+def test_selection_quick_is_exact(quick_results):
+    result = json.loads((quick_results / "bench_selection" / "selection.json").read_text())
+    methods = {run["method"] for run in result["runs"]}
+    assert methods == {"keep_top_k", "argsort", "topk", "kthvalue"}
+    for run in result["runs"]:
+        assert run["time_s"] > 0 and run["extra_bytes"] >= 0
+        if run["method"] != "kthvalue":  # kthvalue's mask keeps every tie at the threshold
+            assert run["kept"] == run["k"]
+    assert result["exactness"] and all(c["keep_top_k_equals_stable_sort"] for c in result["exactness"])
+    assert "| `keep_top_k` |" in (quick_results / "bench_selection" / "selection.md").read_text()
+
+
+def test_cuda_flag_fails_clearly_without_a_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    for script in ("bench_merge.py", "bench_selection.py"):
+        done = _run(script, "--quick", "--device", "cuda", "--out", str(tmp_path), tmp_path=tmp_path)
+        assert done.returncode == 2
+        assert "needs a CUDA build of torch" in done.stderr

@@ -1,0 +1,98 @@
+"""The fused, chunked FAPM path (tensors above the direct-selection size) against the plain
+definition: exact scores from ``forgetting_score`` and a stable descending full sort."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fapm_merge import kernel
+
+
+def stable_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    flat = scores.flatten()
+    order = torch.sort(flat, descending=True, stable=True).indices[:k]
+    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    mask[order] = True
+    return mask.view(scores.shape)
+
+
+def reference(base: torch.Tensor, ft: torch.Tensor, sparsity: float) -> torch.Tensor:
+    scores = kernel.forgetting_score(base, ft)
+    k = kernel.kept_count(base.numel(), sparsity)
+    changed = int((scores != -math.inf).sum())
+    return stable_mask(scores, min(k, changed))
+
+
+def pair(shape, dtype, seed, unchanged=0.2, zero_base=0.01):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g) * 0.02
+    base[torch.rand(shape, generator=g) < zero_base] = 0
+    delta = torch.randn(shape, generator=g) * 2e-4
+    delta[torch.rand(shape, generator=g) < unchanged] = 0
+    return base.to(dtype), (base + delta).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.99, 0.99999])
+def test_fused_path_matches_definition(dtype, sparsity):
+    base, ft = pair((700, 1100), dtype, seed=int(sparsity * 1000))
+    assert base.numel() > kernel._DIRECT_SELECTION and base.numel() > kernel._CHUNK
+    expected = reference(base, ft, sparsity)
+    assert torch.equal(kernel.prune_mask(base, ft, sparsity), expected)
+    out = kernel.fapm_prune(base, ft, sparsity)
+    assert out.dtype == dtype
+    assert torch.equal(out, torch.where(expected, ft, base))
+
+
+def test_fused_path_with_heavy_ties_and_non_contiguous_input():
+    g = torch.Generator().manual_seed(3)
+    base = (torch.randint(1, 4, (900, 800), generator=g).float() * 0.01).bfloat16()
+    ft = (base.float() + torch.randint(-2, 3, (900, 800), generator=g).float() * 1e-3).bfloat16()
+    base, ft = base.t(), ft.t()  # non-contiguous views
+    for sparsity in (0.6, 0.9, 0.97):
+        expected = reference(base, ft, sparsity)
+        assert torch.equal(kernel.prune_mask(base, ft, sparsity), expected)
+        assert torch.equal(kernel.fapm_prune(base, ft, sparsity), torch.where(expected, ft, base))
+
+
+def test_fused_path_survives_a_missing_bracket(monkeypatch):
+    # A sample of one repeated element gives a useless bracket: the general path must answer.
+    base, ft = pair((600, 500), torch.bfloat16, seed=5)
+    real_randint = torch.randint
+    monkeypatch.setattr(
+        kernel.torch, "randint", lambda n, size, **kw: real_randint(1, size, **kw) * 0
+    )
+    for sparsity in (0.5, 0.9, 0.999):
+        expected = reference(base, ft, sparsity)
+        assert torch.equal(kernel.prune_mask(base, ft, sparsity), expected)
+        assert torch.equal(kernel.fapm_prune(base, ft, sparsity), torch.where(expected, ft, base))
+
+
+def test_fused_path_rejects_non_finite_weights():
+    for which in ("base", "ft"):
+        base, ft = pair((600, 500), torch.bfloat16, seed=7)
+        (base if which == "base" else ft)[123, 45] = float("nan")
+        with pytest.raises(kernel.NonFiniteWeightsError):
+            kernel.fapm_prune(base, ft, 0.9)
+        with pytest.raises(kernel.NonFiniteWeightsError):
+            kernel.prune_mask(base, ft, 0.9)
+
+
+def test_keep_top_k_chunked_with_infinities():
+    g = torch.Generator().manual_seed(9)
+    scores = torch.randn(1_000_000, generator=g).to(torch.bfloat16).float()  # many ties
+    scores[::997] = math.inf
+    scores[1::5] = -math.inf
+    for k in (1, 1003, 100_000, 500_000, 799_999, 999_999):
+        assert torch.equal(kernel.keep_top_k(scores, k), stable_mask(scores, k))
+
+
+def test_torch_threads_are_restored():
+    threads = torch.get_num_threads()
+    base, ft = pair((600, 500), torch.bfloat16, seed=2)
+    kernel.fapm_prune(base, ft, 0.9)
+    kernel.forgetting_score(base, ft)
+    assert torch.get_num_threads() == threads

@@ -1,0 +1,110 @@
+"""The forgetting study's pipeline, end to end, in quick mode (tiny local model, no download).
+
+This checks the plumbing (prepare -> fine-tune -> mergekit-yaml recipes -> lm-eval -> report,
+and resuming), not the numbers: the full study's results live in docs/study/.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import yaml
+
+from fapm_merge.study import stages
+from fapm_merge.study.config import quick_config
+from fapm_merge.study.finetune import STRATEGIES, StepStrategy, TrainingOptions, register_strategy
+from fapm_merge.study.variants import Variant, recipe, sweep
+
+
+def test_recipes_differ_from_fapm_by_one_or_two_words(tmp_path):
+    base, ft = tmp_path / "base", tmp_path / "ft"
+    fapm = recipe(Variant("fapm", 0.9), base, ft)
+    assert fapm["merge_method"] == "fapm" and fapm["parameters"] == {"score": "fapm"}
+    assert fapm["models"][0]["parameters"] == {"sparsity": 0.9}
+    assert recipe(Variant("magnitude", 0.9), base, ft)["parameters"] == {"score": "magnitude"}
+    dare = recipe(Variant("dare", 0.5, seed=2), base, ft)
+    assert dare["parameters"] == {"score": "random", "rescale": "density", "seed": 2}
+    wise = recipe(Variant("wise", 0.25), base, ft)
+    assert wise["merge_method"] == "linear"
+    assert [m["parameters"]["weight"] for m in wise["models"]] == [0.75, 0.25]
+    lines = recipe(Variant("lines", 0.0), base, ft)
+    assert lines["merge_method"] == "task_arithmetic"
+    assert lines["models"][0]["parameters"]["weight"] == [0.0, 1.0]
+
+
+def test_changed_setting_invalidates_a_stage(tmp_path):
+    digest = stages.config_hash(TrainingOptions())
+    folder = stages.begin(tmp_path / "stage")
+    assert not stages.is_done(folder, digest)  # unfinished: never reused
+    stages.finish(folder, digest)
+    assert stages.is_done(folder, digest)
+    changed = stages.config_hash(replace(TrainingOptions(), learning_rate=1e-5))
+    assert changed != digest and not stages.is_done(folder, changed)
+
+
+def test_training_strategy_hook(tmp_path):
+    """A registered StepStrategy is what the fine-tune stage calls (the SAM / regularizer hook)."""
+    from fapm_merge.study.finetune import finetune
+    from fapm_merge.study.prepare import build_tiny_model
+
+    calls = {"prepare": 0, "penalty": 0}
+
+    @register_strategy("counting-test")
+    class Counting(StepStrategy):
+        def prepare(self, model, batches):
+            calls["prepare"] += 1
+
+        def penalty(self, model):
+            calls["penalty"] += 1
+            return sum(p.pow(2).sum() for p in model.parameters()) * 0.0
+
+    try:
+        build_tiny_model(tmp_path / "base", ["Answer: True", "Answer: False"] * 20)
+        train = tmp_path / "train.jsonl"
+        train.write_text("".join(json.dumps({"prompt": "Q: x\nAnswer:", "answer": " True"}) + "\n"
+                                 for _ in range(4)))
+        options = TrainingOptions(epochs=1, batch_size=2, strategy="counting-test")
+        summary = finetune(tmp_path / "base", train, tmp_path / "ft", options)
+    finally:
+        STRATEGIES.pop("counting-test")
+    assert summary["steps"] == 2 and calls == {"prepare": 1, "penalty": 2}
+    with pytest.raises(ValueError, match="unknown training strategy"):
+        finetune(tmp_path / "base", train, tmp_path / "ft2", TrainingOptions(strategy="nope"))
+
+
+def test_quick_study_end_to_end_and_resume(tmp_path):
+    pytest.importorskip("lm_eval")
+    from fapm_merge.study import run_study
+
+    paths = dict(work_dir=tmp_path / "work", cache_dir=tmp_path / "cache",
+                 out_dir=tmp_path / "report")
+    data = run_study(quick=True, threads=1, **paths)
+
+    report = tmp_path / "report"
+    for name in ("results.json", "results.md", "pareto.png", "tradeoff.png"):
+        assert (report / name).is_file(), name
+    planned = sweep(quick_config().sweeps)
+    assert {row["method"] for row in data["rows"]} == {v.method for v in planned}
+    assert [r["n"] for r in data["rows"] if r["method"] == "dare"] == [2]  # seeds aggregated
+    for variant in planned:
+        folder = tmp_path / "work" / "variants" / variant.name
+        written = yaml.safe_load((folder / "recipe.yml").read_text())
+        assert written == recipe(variant, data_model(tmp_path), tmp_path / "work/models/full_sft")
+        assert (report / "recipes" / f"{variant.name}.yml").is_file()
+        assert not (folder / "model").exists()  # merged weights are dropped after scoring
+        scores = json.loads((folder / "scores.json").read_text())
+        assert set(scores["general"]) == {"knowledge", "arithmetic", "code", "commonsense"}
+    assert data["references"]["pretrained"]["forgetting"] == 0.0
+    assert "FAPM" in "\n".join(data["verdict"])
+
+    # Resuming: every stage is reused, nothing is rewritten.
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "work").rglob("stage.json")}
+    run_study(quick=True, threads=1, **paths)
+    after = {p: p.stat().st_mtime_ns for p in (tmp_path / "work").rglob("stage.json")}
+    assert before == after and len(before) == len(planned) + 4
+
+
+def data_model(tmp_path):
+    return tmp_path / "cache" / "quick" / "models" / "pretrained"
