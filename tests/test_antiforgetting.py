@@ -87,21 +87,30 @@ def test_regularizer_is_zero_at_the_pretrained_weights_and_grows_with_drift():
     strategy = ImportanceRegularizedStep(options)
     strategy.general_batches = [batch(i) for i in range(3)]
     strategy.prepare(model, [])
-    assert float(strategy.penalty(model)) == 0.0
+    assert float(strategy.penalty(model).detach()) == 0.0
     values = []
     for size in (1e-3, 1e-2, 1e-1):
         with torch.no_grad():
             for name, p in model.named_parameters():
                 p.copy_(strategy.anchor[name] + size)
-        values.append(float(strategy.penalty(model)))
+        values.append(float(strategy.penalty(model).detach()))
     assert 0 < values[0] < values[1] < values[2]
     assert values[2] / values[1] == pytest.approx(100, rel=1e-3)  # quadratic in the drift
 
 
-def test_regularizer_needs_general_data():
-    strategy = ImportanceRegularizedStep(TrainingOptions(strategy="importance_reg"))
-    with pytest.raises(ValueError, match="general"):
+def test_regularizer_samples_its_own_general_data_reproducibly():
+    options = TrainingOptions(strategy="importance_reg",
+                              strategy_args={"importance_steps": 2, "sample_length": 6})
+    runs = []
+    for _ in range(2):
+        strategy = ImportanceRegularizedStep(options)
         strategy.prepare(tiny_model(), [])
+        runs.append(strategy)
+    first, second = (r.general_batches for r in runs)
+    assert len(first) == 2 and first[0]["input_ids"].shape == (4, 6)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first, second))
+    for name, weight in runs[0].weights.items():
+        assert torch.equal(weight, runs[1].weights[name])
 
 
 def test_drift_penalty_matches_direct_sum():

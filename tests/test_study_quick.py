@@ -15,7 +15,7 @@ import yaml
 from fapm_merge.study import stages
 from fapm_merge.study.config import quick_config
 from fapm_merge.study.finetune import STRATEGIES, StepStrategy, TrainingOptions, register_strategy
-from fapm_merge.study.variants import Variant, recipe, sweep
+from fapm_merge.study.variants import Variant, recipe, sweep, training_sweep
 
 
 def test_recipes_differ_from_fapm_by_one_or_two_words(tmp_path):
@@ -86,7 +86,8 @@ def test_quick_study_end_to_end_and_resume(tmp_path):
     for name in ("results.json", "results.md", "pareto.png", "tradeoff.png"):
         assert (report / name).is_file(), name
     planned = sweep(quick_config().sweeps)
-    assert {row["method"] for row in data["rows"]} == {v.method for v in planned}
+    trained = training_sweep(quick_config().training_methods)
+    assert {row["method"] for row in data["rows"]} == {v.method for v in planned + trained}
     assert [r["n"] for r in data["rows"] if r["method"] == "dare"] == [2]  # seeds aggregated
     for variant in planned:
         folder = tmp_path / "work" / "variants" / variant.name
@@ -98,12 +99,27 @@ def test_quick_study_end_to_end_and_resume(tmp_path):
         assert set(scores["general"]) == {"knowledge", "arithmetic", "code", "commonsense"}
     assert data["references"]["pretrained"]["forgetting"] == 0.0
     assert "FAPM" in "\n".join(data["verdict"])
+    # training-time methods: their own fine-tunes, then FAPM on each
+    for variant in trained:
+        folder = tmp_path / "work" / "variants" / variant.name
+        assert (folder / "scores.json").is_file(), variant.name
+        if variant.method.endswith("_fapm"):
+            source = "sft_sam" if variant.method == "sam_fapm" else "sft_reg"
+            written = yaml.safe_load((folder / "recipe.yml").read_text())
+            assert written["models"][0]["model"] == str((tmp_path / "work/models" / source).resolve())
+    for name in ("sft_sam", "sft_reg"):
+        assert data["training_costs"][name]["strategy"] in ("sam", "importance_reg")
+        assert data["training_costs"][name]["wall_s"] > 0
+    markdown = (report / "results.md").read_text()
+    assert "Training-time methods" in markdown
+    assert "Best here" in markdown or "No variant keeps 95%" in markdown
 
     # Resuming: every stage is reused, nothing is rewritten.
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "work").rglob("stage.json")}
     run_study(quick=True, threads=1, **paths)
     after = {p: p.stat().st_mtime_ns for p in (tmp_path / "work").rglob("stage.json")}
-    assert before == after and len(before) == len(planned) + 4
+    # prepare, full SFT, two references, two more fine-tunes, every variant
+    assert before == after and len(before) == len(planned) + len(trained) + 6
 
 
 def data_model(tmp_path):

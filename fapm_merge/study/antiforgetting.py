@@ -14,14 +14,16 @@
 Where the second paper's exact formulas are not known to us, these are the choices made:
 
 - importance: ``omega_i = sum_t max(0, -g_i(t) * dw_i(t))`` along ``importance_steps`` plain SGD
-  steps on general data from the pre-trained weights (each step's first-order contribution to
+  steps on general data from the pre-trained weights (text sampled from the pre-trained model
+  itself unless general batches are given: no dataset that could overlap the evaluation) (each step's first-order contribution to
   the loss decrease, negative contributions dropped so importance is non-negative), then
   ``Omega_i = omega_i / (Delta_i^2 + damping)`` with ``Delta_i`` the total change of that run;
   the run's weights are discarded;
-- layer-wise balance: importances are divided by their mean within each weight tensor (a layer's
-  "element-wise" shape is kept, its overall scale is set by ``c_l``) and ``c_l`` is the share of
-  that tensor's parameters in the model, so every parameter has the same expected weight and
-  no layer dominates because its raw importances happen to be large.
+- layer-wise balance: importances are divided by their mean within each weight tensor (a
+  tensor's element-wise pattern is kept, its overall scale is set by ``c_l``), and
+  ``c_l = 1 / N`` (N parameters in the model): every tensor gets the same weight per parameter,
+  so no layer dominates because its raw importances happen to be large, and the penalty is a
+  mean squared drift whose scale does not depend on the model's size.
 """
 
 from __future__ import annotations
@@ -107,17 +109,20 @@ def synaptic_importance(
 class ImportanceRegularizedStep(StepStrategy):
     """CE + importance-weighted squared drift from the pre-trained weights.
 
-    ``general_batches`` (general-ability data, never the evaluation items) must be set before
-    :meth:`prepare`; the study's fine-tune stage sets it from the prepared general split.
+    The general data is ``general_batches`` when set; otherwise text the pre-trained model
+    samples itself (:func:`self_generated_batches`): what it "knows", with no dataset that
+    could overlap the evaluation items.
     """
 
     general_batches: Optional[List[Dict[str, torch.Tensor]]] = None
 
     def prepare(self, model, batches) -> None:
         args = self.options.strategy_args
-        if not self.general_batches:
-            raise ValueError("importance_reg needs general-data batches (general_batches)")
         steps = int(args.get("importance_steps", 16))
+        if not self.general_batches:
+            self.general_batches = self_generated_batches(
+                model, steps, int(args.get("sample_length", 48)), self.options.seed
+            )
         raw = synaptic_importance(
             model,
             self.general_batches[:steps],
@@ -130,11 +135,37 @@ class ImportanceRegularizedStep(StepStrategy):
         for name, omega in raw.items():
             mean = float(omega.mean())
             shape = omega / mean if mean > 0 else torch.ones_like(omega)
-            self.weights[name] = shape * (omega.numel() / total)  # c_l: the layer's share
+            self.weights[name] = shape / total  # c_l = 1 / N
         self.lam = float(args.get("lam", 1.0))
 
     def penalty(self, model) -> Optional[torch.Tensor]:
         return self.lam * drift_penalty(model, self.anchor, self.weights)
+
+
+@torch.no_grad()
+def self_generated_batches(
+    model: torch.nn.Module, count: int, length: int, seed: int, batch_size: int = 4
+) -> List[Dict[str, torch.Tensor]]:
+    """``count`` batches of text sampled from the model itself, from its BOS token.
+
+    Sampling (temperature 1, fixed seed) rather than greedy decoding, so the batches cover
+    what the model assigns probability to, not one repeated string.
+    """
+    config = model.config
+    start = config.bos_token_id if config.bos_token_id is not None else 0
+    generator = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    batches = []
+    for _ in range(count):
+        ids = torch.full((batch_size, 1), start, dtype=torch.long)
+        for _ in range(length - 1):
+            logits = model(input_ids=ids).logits[:, -1, :].float()
+            token = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+            ids = torch.cat([ids, token], dim=1)
+        batches.append({"input_ids": ids, "labels": ids.clone()})
+    model.train(was_training)
+    return batches
 
 
 def drift_penalty(

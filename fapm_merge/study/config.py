@@ -41,12 +41,28 @@ class Sweeps:
 
 
 @dataclass(frozen=True)
+class TrainingMethods:
+    """Training-time anti-forgetting methods (fapm_merge/study/antiforgetting.py).
+
+    Each is a fine-tune of its own with the same data, steps and optimizer as full SFT, then
+    evaluated alone and with FAPM at ``fapm_sparsities``. The knobs are not tuned.
+    """
+
+    sam_rho: float = 0.05
+    # weight of the mean importance-weighted squared drift (about 1e-5 after full SFT here)
+    regularizer_lam: float = 1e5
+    importance_steps: int = 16
+    fapm_sparsities: Tuple[float, ...] = (0.5, 0.9, 0.95)
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     quick: bool = False
     seed: int = 0
     counts: ItemCounts = field(default_factory=ItemCounts)
     training: TrainingOptions = field(default_factory=TrainingOptions)
     sweeps: Sweeps = field(default_factory=Sweeps)
+    training_methods: TrainingMethods = field(default_factory=TrainingMethods)
     eval_batch_size: int = 16
 
 
@@ -65,5 +81,6 @@ def quick_config() -> StudyConfig:
         sweeps=Sweeps(sparsities=(0.9,), pruning_methods=("fapm", "magnitude"),
                       dare_seeds=(0, 1), wise_alphas=(0.5,),
                       lines_lows=(0.0,)),
+        training_methods=TrainingMethods(importance_steps=2, fapm_sparsities=(0.9,)),
         eval_batch_size=8,
     )

@@ -119,6 +119,19 @@ def make_batches(rows: List[dict], tokenizer, options: TrainingOptions, rng: ran
     return batches
 
 
+def _resident_peak(reset: bool = False) -> Optional[float]:
+    """Peak resident memory of this process in GB (Linux); ``reset`` restarts the count."""
+    try:
+        if reset:
+            Path("/proc/self/clear_refs").write_text("5")
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        return None
+    return None
+
+
 def finetune(base_dir: Path, train_file: Path, out_dir: Path, options: TrainingOptions) -> dict:
     """Fine-tune every weight of the model in ``base_dir``; save it to ``out_dir``.
 
@@ -138,8 +151,11 @@ def finetune(base_dir: Path, train_file: Path, out_dir: Path, options: TrainingO
     rows = [json.loads(line) for line in Path(train_file).read_text().splitlines()]
     epochs = [make_batches(rows, tokenizer, options, rng) for _ in range(options.epochs)]
     total = sum(len(e) for e in epochs)
+    _resident_peak(reset=True)
+    started = time.time()
     strategy = STRATEGIES[options.strategy](options)
     strategy.prepare(model, epochs[0])
+    prepare_s = time.time() - started
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=options.learning_rate, weight_decay=options.weight_decay
     )
@@ -151,7 +167,7 @@ def finetune(base_dir: Path, train_file: Path, out_dir: Path, options: TrainingO
         return max(0.1, 1.0 - 0.9 * progress)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    losses, tokens, started = [], 0, time.time()
+    losses, tokens = [], 0
     with tqdm(total=total, desc="fine-tune", unit="step", dynamic_ncols=True) as bar:
         for batches in epochs:
             for batch in batches:
@@ -171,6 +187,9 @@ def finetune(base_dir: Path, train_file: Path, out_dir: Path, options: TrainingO
         "examples": len(rows),
         "tokens": tokens,
         "wall_s": round(time.time() - started, 1),
+        "strategy": options.strategy,
+        "strategy_prepare_s": round(prepare_s, 1),
+        "peak_rss_gb": _resident_peak(),
         "first_loss": losses[0],
         "last_loss": sum(losses[-5:]) / len(losses[-5:]),
         "losses": [round(x, 4) for x in losses],

@@ -167,6 +167,61 @@ def run_study(
             )
             bar.update()
 
+    # Training-time anti-forgetting methods: their own fine-tunes (same data and budget),
+    # evaluated alone and with FAPM.
+    from dataclasses import replace
+
+    from fapm_merge.study import antiforgetting  # noqa: F401  (registers the strategies)
+
+    methods = config.training_methods
+    trained_options = {
+        "sft_sam": replace(config.training, strategy="sam",
+                           strategy_args={"rho": methods.sam_rho}),
+        "sft_reg": replace(config.training, strategy="importance_reg",
+                           strategy_args={"lam": methods.regularizer_lam,
+                                          "importance_steps": methods.importance_steps}),
+    }
+    costs = {"full_sft": train_summary}
+    trained_dirs, trained_hashes = {}, {}
+    for name, options in trained_options.items():
+        folder = work_dir / "models" / name
+        digest = stages.config_hash(prepared["train_hash"], options)
+        if stages.is_done(folder, digest):
+            print(f"[study] fine-tune {name}: reusing {folder}", flush=True)
+            costs[name] = json.loads((folder / "train.json").read_text())
+        else:
+            stages.begin(folder)
+            costs[name] = finetune(prepared["model"], prepared["tasks"] / "train.jsonl",
+                                   folder, options)
+            stages.finish(folder, digest)
+        trained_dirs[name], trained_hashes[name] = folder, digest
+        timings[f"finetune_{name}_s"] = costs[name]["wall_s"]
+    extra = variants.training_sweep(methods)
+    with open(log_path, "a") as log, tqdm(
+        total=len(extra), desc="training-time variants", unit="model", dynamic_ncols=True
+    ) as bar:
+        for variant in extra:
+            bar.set_postfix_str(variant.name)
+            source = variants.TRAINED[variant.method]
+            ft_dir = trained_dirs[source]
+            if variant.method in ("sam", "reg"):  # the fine-tune itself
+                digest = stages.config_hash(eval_hash, trained_hashes[source])
+
+                def make(folder, m=ft_dir):
+                    return m, False
+            else:
+                recipe = variants.recipe(variant, prepared["model"], ft_dir)
+                digest = stages.config_hash(eval_hash, trained_hashes[source], recipe)
+
+                def make(folder, v=variant, d=ft_dir, lg=log):
+                    return variants.build(v, prepared["model"], d, folder, lg), True
+            results[variant.name], _ = _evaluate_stage(
+                variant.name, work_dir / "variants" / variant.name, digest, make,
+                prepared["tasks"], config, log, timings,
+            )
+            bar.update()
+    planned = planned + extra
+
     # timings of stages reused from an earlier run come from their stamps
     for name in list(references) + [v.name for v in planned]:
         if name not in timings:
@@ -180,6 +235,11 @@ def run_study(
         "config": stages._plain(config),
         "sizes": prepared["sizes"],
         "training": {k: v for k, v in train_summary.items() if k != "losses"},
+        "training_costs": {
+            name: {k: summary.get(k) for k in ("strategy", "wall_s", "strategy_prepare_s",
+                                               "peak_rss_gb", "steps", "last_loss")}
+            for name, summary in costs.items()
+        },
         "timings": timings,
     }
     data = report.write_report(results, planned, meta, out_dir, work_dir, train_summary)

@@ -27,7 +27,22 @@ METHODS = {
     "dare": ("DARE (random + 1/(1-s))", "sparsity", "tab:green"),
     "wise": ("WiSE-FT (linear)", "alpha", "tab:orange"),
     "lines": ("LiNeS-style (layer gradient)", "first-layer weight", "tab:brown"),
+    # training-time methods: the fine-tune itself, and FAPM applied to it
+    "sam": ("SFT + SAM", "rho", "tab:cyan"),
+    "sam_fapm": ("SFT + SAM, then FAPM", "sparsity", "tab:pink"),
+    "reg": ("SFT + importance reg.", "lambda", "tab:olive"),
+    "reg_fapm": ("SFT + importance reg., then FAPM", "sparsity", "tab:gray"),
 }
+# which fine-tune a training-time variant comes from, and its strategy
+TRAINED = {"sam": "sft_sam", "sam_fapm": "sft_sam", "reg": "sft_reg", "reg_fapm": "sft_reg"}
+
+
+def training_sweep(methods) -> List[Variant]:
+    """The training-time variants: each fine-tune alone, then FAPM on it."""
+    variants = [Variant("sam", methods.sam_rho), Variant("reg", methods.regularizer_lam)]
+    for s in methods.fapm_sparsities:
+        variants += [Variant("sam_fapm", s), Variant("reg_fapm", s)]
+    return variants
 
 
 @dataclass(frozen=True)
@@ -61,14 +76,15 @@ def recipe(variant: Variant, base: Path, finetuned: Path) -> dict:
     """The mergekit recipe of one variant (the single template every method is made from)."""
     base, finetuned = str(Path(base).resolve()), str(Path(finetuned).resolve())
     config = {"base_model": base, "dtype": "float32"}
-    if variant.method in ("fapm", "magnitude", "relative", "dare"):
+    if variant.method in ("fapm", "magnitude", "relative", "dare", "sam_fapm", "reg_fapm"):
         config["merge_method"] = "fapm"
         config["models"] = [{"model": finetuned, "parameters": {"sparsity": variant.knob}}]
         if variant.method == "dare":
             config["parameters"] = {"score": "random", "rescale": "density",
                                     "seed": variant.seed}
         else:
-            config["parameters"] = {"score": variant.method}
+            trained_then_pruned = variant.method in ("sam_fapm", "reg_fapm")
+            config["parameters"] = {"score": "fapm" if trained_then_pruned else variant.method}
     elif variant.method == "wise":
         config["merge_method"] = "linear"
         config["models"] = [
