@@ -15,7 +15,9 @@ import click
 from mergekit.options import MergeOptions, add_merge_options
 
 from fapm_merge import __version__
+from fapm_merge.inspect_cli import inspect_command
 from fapm_merge.recipe import RecipeError, check_recipe_file
+from fapm_merge.study.cli import study
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -120,12 +122,7 @@ def demo(out_dir: str, sparsity: float, seed: int) -> None:
     run_demo(out_dir, sparsity=sparsity, seed=seed)
 
 
-from fapm_merge.inspect_cli import inspect_command  # noqa: E402
-
 main.add_command(inspect_command)
-
-from fapm_merge.study.cli import study  # noqa: E402
-
 main.add_command(study)
 
 

@@ -23,3 +23,14 @@ def test_readme_starts_with_the_two_commands():
     assert "make demo" in code and "make test" in code
     ci = (ROOT / ".ci/run").read_text()
     assert "make test" in ci
+
+
+def test_readme_study_table_is_the_generated_one():
+    """The README's "Does it work?" table is copied from docs/study/results.md, not typed."""
+    results = (ROOT / "docs/study/results.md").read_text()
+    headline = results.split("## Headline", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in headline.splitlines() if line.startswith("|")]
+    readme = (ROOT / "README.md").read_text()
+    assert len(rows) > 3
+    for row in rows:
+        assert row in readme, row
