@@ -34,3 +34,14 @@ def test_readme_study_table_is_the_generated_one():
     assert len(rows) > 3
     for row in rows:
         assert row in readme, row
+
+
+def test_committed_docs_carry_no_machine_paths():
+    """Generated files must not leak the absolute paths of the machine that made them."""
+    offenders = []
+    for path in [ROOT / "README.md", *(ROOT / "docs").rglob("*"), *(ROOT / "recipes").rglob("*")]:
+        if path.is_file() and path.suffix in (".md", ".json", ".yml", ".yaml"):
+            text = path.read_text()
+            if re.search(r"(^|[\s\"'(])/(root|home|work|tmp)/", text, re.M):
+                offenders.append(str(path.relative_to(ROOT)))
+    assert not offenders, offenders
