@@ -79,38 +79,26 @@ def _short(error: Exception) -> str:
     return str(error)
 
 
-def _parameter_blocks(source: Dict[str, Any]) -> Iterator[Tuple[str, Dict[str, Any]]]:
-    """Every ``parameters:`` mapping in a raw recipe, with a readable location."""
+def _parameter_blocks(
+    scope: Dict[str, Any], prefix: str = ""
+) -> Iterator[Tuple[str, Dict[str, Any]]]:
+    """Every ``parameters:`` mapping in a raw recipe, with a readable location.
 
-    def model_label(entry: Dict[str, Any]) -> str:
-        return str(entry.get("model", "?"))
-
-    if isinstance(source.get("parameters"), dict):
-        yield "top-level parameters", source["parameters"]
-    for i, entry in enumerate(source.get("models") or []):
-        if isinstance(entry, dict) and isinstance(entry.get("parameters"), dict):
-            yield f"models[{i}] ({model_label(entry)})", entry["parameters"]
-    slice_lists = [("slices", source.get("slices") or [])]
-    for module_name, module in (source.get("modules") or {}).items():
-        if not isinstance(module, dict):
-            continue
-        if isinstance(module.get("parameters"), dict):
-            yield f"modules.{module_name}.parameters", module["parameters"]
-        for i, entry in enumerate(module.get("models") or []):
+    The recipe, each output slice and each module share one shape (``parameters``, input
+    ``models`` or slice ``sources``, nested ``slices`` / ``modules``), so one walk covers all.
+    """
+    if isinstance(scope.get("parameters"), dict):
+        yield f"{prefix}parameters" if prefix else "top-level parameters", scope["parameters"]
+    for key in ("models", "sources"):
+        for i, entry in enumerate(scope.get(key) or []):
             if isinstance(entry, dict) and isinstance(entry.get("parameters"), dict):
-                yield f"modules.{module_name}.models[{i}] ({model_label(entry)})", entry[
-                    "parameters"
-                ]
-        slice_lists.append((f"modules.{module_name}.slices", module.get("slices") or []))
-    for prefix, slices in slice_lists:
-        for j, out_slice in enumerate(slices):
-            if not isinstance(out_slice, dict):
-                continue
-            if isinstance(out_slice.get("parameters"), dict):
-                yield f"{prefix}[{j}].parameters", out_slice["parameters"]
-            for i, src in enumerate(out_slice.get("sources") or []):
-                if isinstance(src, dict) and isinstance(src.get("parameters"), dict):
-                    yield f"{prefix}[{j}].sources[{i}] ({model_label(src)})", src["parameters"]
+                yield f"{prefix}{key}[{i}] ({entry.get('model', '?')})", entry["parameters"]
+    for j, out_slice in enumerate(scope.get("slices") or []):
+        if isinstance(out_slice, dict):
+            yield from _parameter_blocks(out_slice, f"{prefix}slices[{j}].")
+    for name, module in (scope.get("modules") or {}).items():
+        if isinstance(module, dict):
+            yield from _parameter_blocks(module, f"{prefix}modules.{name}.")
 
 
 def _scalars(setting: Any) -> Iterable[Tuple[Any, Optional[str]]]:

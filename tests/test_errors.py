@@ -134,3 +134,21 @@ def test_plain_mergekit_yaml_rejects_bad_sparsity_before_writing(broken_models, 
     assert result.returncode != 0
     assert "less than or equal to 1" in result.stderr
     assert not list((tmp_path / "out").glob("*.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "layout, location",
+    [
+        ("slices:\n  - sources:\n      - model: ./a\n        layer_range: [0, 3]\n"
+         "        parameters: {sparsty: 0.5}\n", "slices[0].sources[0] (./a)"),
+        ("slices:\n  - sources:\n      - model: ./a\n        layer_range: [0, 3]\n"
+         "    parameters: {sparsty: 0.5}\n", "slices[0].parameters"),
+        ("models:\n  - model: ./a\nparameters: {sparsty: 0.5}\n", "top-level parameters"),
+    ],
+)
+def test_unknown_key_found_in_every_scope(tmp_path, layout, location):
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(f"merge_method: fapm\nbase_model: ./b\n{layout}")
+    result = CliRunner().invoke(main, ["validate", "--no-model-check", str(recipe)])
+    assert result.exit_code != 0
+    assert location in result.output and "Did you mean 'sparsity'" in result.output
