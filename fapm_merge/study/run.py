@@ -142,6 +142,9 @@ def run_study(
 
     eval_hash = stages.config_hash(prepared["hash"], config.eval_batch_size)
     results = {}
+    # digest -> variant name: a later variant identical to one already scored (full SFT at the
+    # main seed, FAPM on it) is not evaluated twice
+    scored = {}
     references = {"pretrained": prepared["model"], "full_sft": finetuned}
     planned = variants.sweep(config.sweeps)
     with open(log_path, "a") as log, tqdm(
@@ -150,6 +153,7 @@ def run_study(
         for name, model_dir in references.items():
             bar.set_postfix_str(name)
             digest = stages.config_hash(eval_hash, ft_hash if name == "full_sft" else "")
+            scored[digest] = name
             results[name], _ = _evaluate_stage(
                 name, work_dir / "variants" / name, digest,
                 lambda folder, m=model_dir: (m, False), prepared["tasks"], config, log, timings,
@@ -159,6 +163,7 @@ def run_study(
             bar.set_postfix_str(variant.name)
             recipe = variants.recipe(variant, prepared["model"], finetuned)
             digest = stages.config_hash(eval_hash, ft_hash, recipe)
+            scored[digest] = variant.name
             results[variant.name], _ = _evaluate_stage(
                 variant.name, work_dir / "variants" / variant.name, digest,
                 lambda folder, v=variant: (
@@ -168,13 +173,14 @@ def run_study(
             bar.update()
 
     # Training-time anti-forgetting methods: their own fine-tunes (same data and budget),
-    # evaluated alone and with FAPM.
+    # evaluated alone and with FAPM, every one (full SFT included) at each training seed.
     from dataclasses import replace
 
     from fapm_merge.study import antiforgetting  # noqa: F401  (registers the strategies)
 
     methods = config.training_methods
-    trained_options = {
+    options_of = {
+        "full_sft": config.training,
         "sft_sam": replace(config.training, strategy="sam",
                            strategy_args={"rho": methods.sam_rho}),
         "sft_reg": replace(config.training, strategy="importance_reg",
@@ -182,8 +188,14 @@ def run_study(
                                           "importance_steps": methods.importance_steps}),
     }
     costs = {"full_sft": train_summary}
-    trained_dirs, trained_hashes = {}, {}
-    for name, options in trained_options.items():
+    trained_dirs, trained_hashes = {"full_sft": finetuned}, {"full_sft": ft_hash}
+
+    def trained(source: str, seed: int) -> str:
+        """Fine-tune ``source`` at ``seed`` (or reuse it); returns its folder name."""
+        name = variants.finetune_name(source, seed, config.training.seed)
+        if name in trained_dirs:
+            return name
+        options = replace(options_of[source], seed=seed)
         folder = work_dir / "models" / name
         digest = stages.config_hash(prepared["train_hash"], options)
         if stages.is_done(folder, digest):
@@ -195,16 +207,18 @@ def run_study(
                                    folder, options)
             stages.finish(folder, digest)
         trained_dirs[name], trained_hashes[name] = folder, digest
-        timings[f"finetune_{name}_s"] = costs[name]["wall_s"]
+        timings.setdefault("extra_finetunes_s", {})[name] = costs[name]["wall_s"]
+        return name
+
     extra = variants.training_sweep(methods)
     with open(log_path, "a") as log, tqdm(
         total=len(extra), desc="training-time variants", unit="model", dynamic_ncols=True
     ) as bar:
         for variant in extra:
             bar.set_postfix_str(variant.name)
-            source = variants.TRAINED[variant.method]
+            source = trained(variants.TRAINED[variant.method], variant.seed)
             ft_dir = trained_dirs[source]
-            if variant.method in ("sam", "reg"):  # the fine-tune itself
+            if variant.method in variants.FINETUNES:  # the fine-tune itself
                 digest = stages.config_hash(eval_hash, trained_hashes[source])
 
                 def make(folder, m=ft_dir):
@@ -215,10 +229,15 @@ def run_study(
 
                 def make(folder, v=variant, d=ft_dir, lg=log):
                     return variants.build(v, prepared["model"], d, folder, lg), True
-            results[variant.name], _ = _evaluate_stage(
-                variant.name, work_dir / "variants" / variant.name, digest, make,
-                prepared["tasks"], config, log, timings,
-            )
+            if digest in scored:
+                results[variant.name] = results[scored[digest]]
+                timings[variant.name] = {"merge_s": 0.0, "eval_s": 0.0,
+                                         "same_as": scored[digest]}
+            else:
+                results[variant.name], _ = _evaluate_stage(
+                    variant.name, work_dir / "variants" / variant.name, digest, make,
+                    prepared["tasks"], config, log, timings,
+                )
             bar.update()
     planned = planned + extra
 

@@ -27,27 +27,45 @@ METHODS = {
     "dare": ("DARE (random + 1/(1-s))", "sparsity", "tab:green"),
     "wise": ("WiSE-FT (linear)", "alpha", "tab:orange"),
     "lines": ("LiNeS-style (layer gradient)", "first-layer weight", "tab:brown"),
-    # training-time methods: the fine-tune itself, and FAPM applied to it
+    # training-time comparison (every fine-tune over training seeds): the fine-tune itself,
+    # and FAPM applied to it
+    "sft": ("Full SFT", "", "black"),
+    "sft_fapm": ("Full SFT, then FAPM", "sparsity", "tab:red"),
     "sam": ("SFT + SAM", "rho", "tab:cyan"),
     "sam_fapm": ("SFT + SAM, then FAPM", "sparsity", "tab:pink"),
     "reg": ("SFT + importance reg.", "lambda", "tab:olive"),
     "reg_fapm": ("SFT + importance reg., then FAPM", "sparsity", "tab:gray"),
 }
-# which fine-tune a training-time variant comes from, and its strategy
-TRAINED = {"sam": "sft_sam", "sam_fapm": "sft_sam", "reg": "sft_reg", "reg_fapm": "sft_reg"}
+# which fine-tune (models/<name>) a training-time variant comes from
+TRAINED = {"sft": "full_sft", "sft_fapm": "full_sft", "sam": "sft_sam", "sam_fapm": "sft_sam",
+           "reg": "sft_reg", "reg_fapm": "sft_reg"}
+# the variants that are a fine-tune itself, not a merge
+FINETUNES = ("sft", "sam", "reg")
+
+
+def finetune_name(source: str, seed: int, main_seed: int = 0) -> str:
+    """Folder name of one fine-tune: ``full_sft`` for the main seed, ``full_sft-seed1`` else."""
+    return source if seed == main_seed else f"{source}-seed{seed}"
 
 
 def training_sweep(methods) -> List[Variant]:
-    """The training-time variants: each fine-tune alone, then FAPM on it."""
-    variants = [Variant("sam", methods.sam_rho), Variant("reg", methods.regularizer_lam)]
-    for s in methods.fapm_sparsities:
-        variants += [Variant("sam_fapm", s), Variant("reg_fapm", s)]
+    """The training-time comparison: each fine-tune alone, then FAPM on it, at every seed.
+
+    ``Variant.seed`` is the fine-tune's training seed here (for DARE, its drop seed).
+    """
+    variants = []
+    for seed in methods.seeds:
+        variants += [Variant("sft", 0.0, seed), Variant("sam", methods.sam_rho, seed),
+                     Variant("reg", methods.regularizer_lam, seed)]
+        for s in methods.fapm_sparsities:
+            variants += [Variant(m, s, seed) for m in ("sft_fapm", "sam_fapm", "reg_fapm")]
     return variants
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One post-hoc model: a method, its knob value and (for DARE) a seed."""
+    """One model of the study: a method, its knob value and a seed (DARE's drop seed, or the
+    training seed of a training-time variant; None where nothing is random)."""
 
     method: str
     knob: float
@@ -76,14 +94,15 @@ def recipe(variant: Variant, base: Path, finetuned: Path) -> dict:
     """The mergekit recipe of one variant (the single template every method is made from)."""
     base, finetuned = str(Path(base).resolve()), str(Path(finetuned).resolve())
     config = {"base_model": base, "dtype": "float32"}
-    if variant.method in ("fapm", "magnitude", "relative", "dare", "sam_fapm", "reg_fapm"):
+    if variant.method in ("fapm", "magnitude", "relative", "dare", "sft_fapm", "sam_fapm",
+                          "reg_fapm"):
         config["merge_method"] = "fapm"
         config["models"] = [{"model": finetuned, "parameters": {"sparsity": variant.knob}}]
         if variant.method == "dare":
             config["parameters"] = {"score": "random", "rescale": "density",
                                     "seed": variant.seed}
         else:
-            trained_then_pruned = variant.method in ("sam_fapm", "reg_fapm")
+            trained_then_pruned = variant.method.endswith("_fapm")
             config["parameters"] = {"score": "fapm" if trained_then_pruned else variant.method}
     elif variant.method == "wise":
         config["merge_method"] = "linear"
