@@ -181,3 +181,19 @@ def test_quick_study_end_to_end_and_resume(tmp_path):
 
 def data_model(tmp_path):
     return tmp_path / "cache" / "quick" / "models" / "pretrained"
+
+
+def test_fine_tune_cost_is_compared_within_a_seed():
+    from fapm_merge.study.report import _costs_by_strategy
+
+    costs = {  # seed 1 ran twice as fast (other threads), the ratios still agree
+        "full_sft": {"strategy": "standard", "wall_s": 200.0, "peak_rss_gb": 3.0},
+        "sft_sam": {"strategy": "sam", "wall_s": 400.0, "peak_rss_gb": 3.5},
+        "full_sft-seed1": {"strategy": "standard", "wall_s": 100.0, "peak_rss_gb": 3.1},
+        "sft_sam-seed1": {"strategy": "sam", "wall_s": 200.0, "peak_rss_gb": 3.6},
+    }
+    out = _costs_by_strategy(costs)
+    assert out["sam"]["n"] == 2 and out["sam"]["wall_s"] == 300.0
+    assert out["sam"]["ratio"] == 2.0 and out["sam"]["ratio_std"] == 0.0
+    assert out["standard"]["ratio"] == 1.0
+    assert out["sam"]["peak_rss_gb"] == 3.6

@@ -277,7 +277,8 @@ def build_items(sources: Dict[str, List[dict]], counts, seed: int = 0):
                  "arithmetic_2s"):
         for e in sources[name]:  # numeric choices only ("banana" and "house" are dropped)
             numeric = {k: v for k, v in e["target_scores"].items() if k.lstrip("-").isdigit()}
-            # "The answer is" cues a number; the bare "Question/Answer" cue scored near chance
+            # "The answer is" cues a number (pre-trained acc_norm 0.50 in a pilot, against 0.35
+            # with "Question: ...\nAnswer:"; docs/study/README.md)
             arithmetic.append(_mc(f"{e['input'].strip()} The answer is",
                                   {"target_scores": numeric}))
     knowledge = [_mc(_question(e), e) for e in sources["general_knowledge"]]

@@ -117,13 +117,24 @@ def verdict(rows: List[dict], noise: float) -> List[str]:
         text += (f", where every difference is within twice the measurement noise "
                  f"(+-{noise:.3f}): the suite cannot tell them apart.")
     else:
-        text += f" (noise per point +-{noise:.3f})."
+        clear = sum(d < -2 * noise for d in d_suite)
+        text += (f", at {clear} of them by more than twice the measurement noise "
+                 f"(+-{noise:.3f} per point).")
     if lm_wins == n and not_worse_task and suite_not_worse:
         text += (" **On this setup FAPM beats magnitude pruning**: less forgetting on held-out "
                  "text at every sparsity, suite forgetting nowhere worse beyond twice the noise, "
                  "and task retention nowhere lower by more than 0.05.")
     else:
         text += " **On this setup FAPM does not consistently beat magnitude pruning.**"
+        # where it does: the same three conditions, point by point
+        wins = [k for (k, _, _), r, f, lm in zip(pairs, d_ret, d_suite, d_lm)
+                if r >= -0.05 and lm < 0 and f <= 2 * noise]
+        losses = [k for k, *_ in pairs if k not in wins]
+        if wins:
+            text += (f" Point by point (less LM forgetting, suite forgetting not worse beyond "
+                     f"twice the noise, retention not lower by more than 0.05) it does at "
+                     f"sparsity {', '.join(f'{k:g}' for k in wins)}, and not at "
+                     f"{', '.join(f'{k:g}' for k in losses)}.")
     lines = [text, ""]
     for (knob, fapm, mag), r, f, lm in zip(pairs, d_ret, d_suite, d_lm):
         lines.append(
@@ -140,16 +151,31 @@ STRATEGY_OF = {"sft": "standard", "sam": "sam", "reg": "importance_reg"}
 
 
 def _costs_by_strategy(costs: dict) -> Dict[str, dict]:
-    """Mean and spread of fine-tune wall time and peak memory per strategy, over seeds."""
-    grouped: Dict[str, List[dict]] = {}
-    for summary in costs.values():
+    """Fine-tune cost per strategy over seeds: wall time, its ratio to full SFT, peak memory.
+
+    ``costs`` maps fine-tune names (``full_sft``, ``sft_sam-seed1``, ...) to their summaries.
+    The ratio compares fine-tunes of the same seed, which ran back to back under the same
+    conditions (thread count, machine load), so it is the comparable figure across seeds.
+    """
+    by_seed: Dict[str, Dict[str, dict]] = {}
+    for name, summary in costs.items():
         if summary and summary.get("wall_s") is not None:
-            grouped.setdefault(summary.get("strategy", "standard"), []).append(summary)
+            seed = name.rpartition("-seed")[2] if "-seed" in name else "main"
+            by_seed.setdefault(seed, {})[summary.get("strategy", "standard")] = summary
+    grouped: Dict[str, List[dict]] = {}
+    for runs in by_seed.values():
+        plain = runs.get("standard")
+        for strategy, summary in runs.items():
+            row = {"wall_s": summary["wall_s"]}
+            if plain:
+                row["ratio"] = summary["wall_s"] / plain["wall_s"]
+            grouped.setdefault(strategy, []).append((row, summary.get("peak_rss_gb")))
     out = {}
     for strategy, runs in grouped.items():
-        walls = [r["wall_s"] for r in runs]
-        peaks = [r["peak_rss_gb"] for r in runs if r.get("peak_rss_gb")]
-        out[strategy] = _aggregate([{"wall_s": w} for w in walls])
+        rows = [r for r, _ in runs]
+        keys = set.intersection(*(set(r) for r in rows))
+        out[strategy] = _aggregate([{k: r[k] for k in sorted(keys)} for r in rows])
+        peaks = [p for _, p in runs if p]
         out[strategy]["peak_rss_gb"] = max(peaks) if peaks else None
     return out
 
@@ -173,8 +199,13 @@ def training_section(summary: dict, costs: dict, primary: str = "forgetting") ->
         if not c:
             return "not recorded | not recorded"
         wall = f"{c['wall_s']:.0f}" + (f" ± {c['wall_s_std']:.0f}" if c["n"] > 1 else "")
+        if "ratio" in c:
+            wall += f" s ({c['ratio']:.2f}x" + (f" ± {c['ratio_std']:.2f}" if c["n"] > 1 else "")
+            wall += ")"
+        else:
+            wall += " s"
         peak = f"{c['peak_rss_gb']:.2f} GB" if c["peak_rss_gb"] else "not recorded"
-        return f"{wall} s | {peak}"
+        return f"{wall} | {peak}"
 
     def label(row: dict) -> str:
         knob = f" ({row['knob_name']} {row['knob']:g})" if row["knob_name"] else ""
@@ -187,11 +218,13 @@ def training_section(summary: dict, costs: dict, primary: str = "forgetting") ->
         "Each is its own full fine-tune on the same data, steps and optimizer as full SFT, "
         f"evaluated alone and with FAPM; every fine-tune (full SFT too) is run at {seeds} "
         "training seeds (data order), and each cell is the mean ± one standard deviation over "
-        "them. Fine-tune cost: wall time of the stage (mean ± sd over seeds) and the largest "
-        "peak resident memory of the process during it. Retention is against the main full "
-        "SFT (seed 0).",
+        "them. Fine-tune cost: wall time of the stage (mean ± sd over seeds; in brackets its "
+        "ratio to the full SFT of the same seed, the figure to compare, since fine-tunes of one "
+        "seed ran back to back under the same conditions) and the largest peak resident memory "
+        "of the process during it. Retention is against the main full SFT (seed 0).",
         "",
-        "| model | seeds | fine-tune wall | peak memory | task | retention | suite forgetting "
+        "| model | seeds | fine-tune wall (x full SFT) | peak memory | task | retention "
+        "| suite forgetting "
         "| LM forgetting |",
         "|---|---|---|---|---|---|---|---|",
     ]

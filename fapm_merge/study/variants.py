@@ -29,8 +29,8 @@ METHODS = {
     "lines": ("LiNeS-style (layer gradient)", "first-layer weight", "tab:brown"),
     # training-time comparison (every fine-tune over training seeds): the fine-tune itself,
     # and FAPM applied to it
-    "sft": ("Full SFT", "", "black"),
-    "sft_fapm": ("Full SFT, then FAPM", "sparsity", "tab:red"),
+    "sft": ("Full SFT", "", "dimgray"),
+    "sft_fapm": ("Full SFT, then FAPM", "sparsity", "darkred"),
     "sam": ("SFT + SAM", "rho", "tab:cyan"),
     "sam_fapm": ("SFT + SAM, then FAPM", "sparsity", "tab:pink"),
     "reg": ("SFT + importance reg.", "lambda", "tab:olive"),
