@@ -6,10 +6,9 @@ mergekit's option definitions, which ``run`` reuses so its flags are exactly mer
 
 from __future__ import annotations
 
+import copy
 import os
-import shutil
 import sys
-import tempfile
 
 import click
 from mergekit.options import MergeOptions, add_merge_options
@@ -61,51 +60,121 @@ def validate(config_file: str, no_model_check: bool) -> None:
 @main.command()
 @click.argument("config_file", type=click.Path(dir_okay=False))
 @click.argument("out_path", type=click.Path(file_okay=False))
-@click.option("--force", is_flag=True, help="Replace OUT_PATH if it already exists.")
+@click.option("--force", is_flag=True,
+              help="Replace OUT_PATH if it is an earlier output of `fapm-merge run`.")
 @click.option("--manifest", is_flag=True,
               help="Record what FAPM pruned per tensor in OUT_PATH/fapm_manifest.jsonl.")
+@click.option("--no-model-check", is_flag=True,
+              help="Skip the checks of model folders and tensor headers (mergekit still "
+                   "checks what it needs while merging).")
 @add_merge_options
 def run(
-    merge_options: MergeOptions, config_file: str, out_path: str, force: bool, manifest: bool
+    merge_options: MergeOptions, config_file: str, out_path: str, force: bool, manifest: bool,
+    no_model_check: bool,
 ) -> None:
     """Validate, then merge CONFIG_FILE into OUT_PATH (same options as mergekit-yaml).
 
-    The merge is written to a temporary folder beside OUT_PATH and moved into place only
-    when it is complete, so a failed run never leaves an output that looks finished.
+    The merge is staged in a hidden folder beside OUT_PATH (.NAME.partial-PID) and moved into
+    place only when it is complete, so a failed or interrupted run never leaves an output that
+    looks finished. OUT_PATH may not be, contain or lie inside an input model folder, and
+    --force replaces only an earlier output of this command (it carries a marker file).
     """
-    recipes = _checked(config_file)
+    from fapm_merge import output
+
+    _check_device(merge_options)
+    recipes = _checked(config_file, check_models=not no_model_check)
     if len(recipes) != 1:
         raise click.ClickException(
             f"{config_file} holds {len(recipes)} recipes: run it with "
             "`mergekit-multi --no-lazy -I INTERMEDIATE_DIR --out-path OUT`"
         )
+    recipe = recipes[0]
     out_path = os.path.abspath(out_path)
-    if os.path.exists(out_path) and os.listdir(out_path) and not force:
-        raise click.ClickException(f"{out_path} already exists; pass --force to replace it")
+    try:
+        output.check_not_over_inputs(out_path, _input_folders(recipe.config), config_file)
+        replace = output.check_replaceable(out_path, force)
+        for stale in output.remove_stale_staging(out_path):
+            click.echo(f"removed {stale}, left by an interrupted run", err=True)
+    except output.OutputError as error:
+        raise click.ClickException(str(error)) from None
 
     from mergekit.merge import run_merge
 
     merge_options.apply_global_options()
-    parent = os.path.dirname(out_path)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_path)}.partial-", dir=parent)
     with open(config_file, encoding="utf-8") as handle:
         source = handle.read()
-    if manifest:  # see fapm_merge.manifest (an explicit `manifest: path` in the recipe wins)
-        os.environ["FAPM_MANIFEST"] = os.path.join(staging, "fapm_manifest.jsonl")
     try:
-        run_merge(recipes[0].config, staging, options=merge_options, config_source=source)
-    except BaseException as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(error, (KeyboardInterrupt, SystemExit)) or merge_options.verbosity:
-            raise
-        raise click.ClickException(
-            f"merge failed, nothing written to {out_path}: {type(error).__name__}: {error}"
-        ) from None
-    if os.path.exists(out_path):
-        shutil.rmtree(out_path)
-    os.replace(staging, out_path)
+        with output.staged(out_path, replace) as staging:
+            config = _manifest_into_staging(recipe, out_path, staging.path)
+            manifest_file = os.path.join(staging.path, "fapm_manifest.jsonl") if manifest else None
+            try:
+                # FAPM_MANIFEST: see fapm_merge.manifest (a `manifest: path` in the recipe wins)
+                with output.environment("FAPM_MANIFEST", manifest_file):
+                    run_merge(config, staging.path, options=merge_options, config_source=source)
+            except Exception as error:
+                if merge_options.verbosity:
+                    raise
+                raise click.ClickException(
+                    f"merge failed, nothing written to {out_path}: {type(error).__name__}: {error}"
+                ) from None
+            staging.commit()
+    except output.OutputError as error:
+        raise click.ClickException(str(error)) from None
     click.echo(f"merged model written to {out_path}", err=True)
+
+
+def _check_device(options: MergeOptions) -> None:
+    """Fail before any work when the requested accelerator is not usable by this torch."""
+    device = str(options.device or "")
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        build = "is a CPU-only build" if torch.version.cuda is None else "sees no CUDA device"
+        raise click.ClickException(
+            f"--cuda / --device {device} requested, but this torch ({torch.__version__}) {build}."
+            " Drop the flag to merge on the CPU, or install a CUDA build of torch "
+            "(https://pytorch.org/get-started/locally/, e.g. `pip install torch --index-url "
+            "https://download.pytorch.org/whl/cu126`)."
+        )
+
+
+def _input_folders(config) -> list:
+    """(label, local folder) of every model a recipe reads: models, LoRA adapters, tokenizers."""
+    references = list(config.referenced_models())
+    for source in (config.tokenizer_source, getattr(config.tokenizer, "source", None)):
+        if source is not None and not isinstance(source, str):
+            references.append(source)
+    folders = []
+    for reference in references:
+        for path in (reference.model.path, reference.lora.path if reference.lora else None):
+            if path and os.path.isdir(path):
+                folders.append((str(reference), path))
+    return folders
+
+
+def _manifest_into_staging(recipe, out_path: str, staging: str):
+    """The recipe's config, with every `manifest:` file inside OUT moved into the staging
+    folder (so it ends up in OUT with the model instead of being written over)."""
+    from fapm_merge import manifest as manifest_module
+    from fapm_merge.recipe import parameter_blocks
+
+    source = copy.deepcopy(recipe.source)
+    moved = False
+    for _, block in parameter_blocks(source):
+        setting = block.get("manifest")
+        if not isinstance(setting, str) or manifest_module.target(setting) != setting:
+            continue
+        path = os.path.abspath(setting)
+        if path == out_path or path.startswith(out_path + os.sep):
+            block["manifest"] = os.path.join(staging, os.path.relpath(path, out_path))
+            moved = True
+    if not moved:
+        return recipe.config
+    from mergekit.config import MergeConfiguration
+
+    return MergeConfiguration.model_validate(source)
 
 
 @main.command()

@@ -202,13 +202,21 @@ def plan_tensors(
                 f"--exclude '{re.escape(missing[0])}' (e.g. lm_head with tied embeddings)"
             )
     plan, skipped = [], []
+    roles = None
     for name in names:
         if base.shape[name] != finetuned.shape[name]:
+            from fapm_merge.recipe import vocabulary_only, weight_roles
+
+            roles = roles or weight_roles(str(base.folder))
+            resized = vocabulary_only(base.shape[name], finetuned.shape[name], roles.axis_of(name))
+            hint = (
+                "the vocabularies differ (resized embeddings); skip it with"
+                if resized else "the fine-tune must come from this base; to look at the rest, add"
+            )
             raise InspectError(
                 f"tensor {name}: shape {list(base.shape[name])} in the base model "
                 f"({base.where[name]}) but {list(finetuned.shape[name])} in the fine-tune "
-                f"({finetuned.where[name]}); a resized vocabulary? skip it with "
-                f"--exclude '{re.escape(name)}'"
+                f"({finetuned.where[name]}); {hint} --exclude '{re.escape(name)}'"
             )
         if base.dtype[name] not in _FLOAT_DTYPES or finetuned.dtype[name] not in _FLOAT_DTYPES:
             skipped.append(

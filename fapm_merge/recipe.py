@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 import struct
+import typing
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
@@ -59,6 +61,8 @@ def load_recipes(path: str) -> List[Recipe]:
             raise RecipeError(f"{path}: document {index + 1} is not a mapping of recipe keys")
         document = dict(document)
         name = document.pop("name", None)
+        where = f"{path}: document {index + 1}" if len(documents) > 1 else path
+        check_schema(document, where)
         try:
             config = MergeConfiguration.model_validate(document)
         except (ValidationError, RuntimeError, ValueError) as error:
@@ -74,12 +78,118 @@ def _short(error: Exception) -> str:
         parts = []
         for item in error.errors()[:3]:
             location = ".".join(str(p) for p in item["loc"])
-            parts.append(f"{location}: {item['msg']}")
+            parts.append(f"{location}: {item['msg']}" if location else item["msg"])
         return "; ".join(parts)
     return str(error)
 
 
-def _parameter_blocks(
+# The dtype names mergekit's `dtype_from_name` accepts for `dtype:` / `out_dtype:` (it
+# raises mid-merge on anything else).
+DTYPES = ("bfloat16", "float16", "float32", "float64", "int64")
+
+
+def _models_in(annotation) -> List[type]:
+    """The pydantic model classes a field annotation admits (through Optional/Union)."""
+    from pydantic import BaseModel
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    if typing.get_origin(annotation) is typing.Union:
+        return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+    return []
+
+
+def _walk_schema(value: Any, annotation: Any, location: str, where: str) -> None:
+    """Check the keys of ``value`` against the pydantic schema ``annotation``, recursively."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if isinstance(value, list):
+            lists = [a for a in args if typing.get_origin(a) in (list, List)]
+            if len(lists) == 1:
+                _walk_schema(value, lists[0], location, where)
+        elif isinstance(value, dict):
+            models = _models_in(annotation)
+            dicts = [a for a in args if typing.get_origin(a) in (dict, Dict)]
+            if len(models) == 1 and not dicts:
+                _walk_schema(value, models[0], location, where)
+            elif len(dicts) == 1 and not models:
+                _walk_schema(value, dicts[0], location, where)
+        return
+    if origin in (list, List) and isinstance(value, list):
+        (item,) = typing.get_args(annotation) or (Any,)
+        for i, entry in enumerate(value):
+            _walk_schema(entry, item, f"{location}[{i}]", where)
+        return
+    if origin in (dict, Dict) and isinstance(value, dict):
+        _, item = typing.get_args(annotation) or (Any, Any)
+        for key, entry in value.items():
+            _walk_schema(entry, item, f"{location}.{key}" if location else str(key), where)
+        return
+    models = _models_in(annotation)
+    if not (models and isinstance(value, dict)):
+        return
+    fields = models[0].model_fields
+    names = {field.alias or name: name for name, field in fields.items()}
+    for key, entry in value.items():
+        path = f"{location}.{key}" if location else str(key)
+        if key not in names:
+            hint = difflib.get_close_matches(str(key), list(names), n=1, cutoff=0.6)
+            suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
+            raise RecipeError(
+                f"{where}: unknown key {path!r}.{suggestion} Valid keys here: "
+                f"{', '.join(names)} (mergekit would silently ignore it)"
+            )
+        if key == "parameters":  # its keys depend on the method: check_parameters
+            _walk_settings(entry, path, where)
+            continue
+        _walk_schema(entry, fields[names[key]].annotation, path, where)
+
+
+def _walk_settings(block: Any, location: str, where: str) -> None:
+    """The ``{value, filter}`` entries of a ``parameters`` block (``fitler:`` is ignored by
+    mergekit, which then applies the value everywhere)."""
+    from mergekit.config import ConditionalParameter
+
+    if not isinstance(block, dict):
+        return
+    for key, setting in block.items():
+        entries = setting if isinstance(setting, list) else [setting]
+        for i, entry in enumerate(entries):
+            if isinstance(entry, dict):
+                at = f"{location}.{key}[{i}]" if isinstance(setting, list) else f"{location}.{key}"
+                _walk_schema(entry, ConditionalParameter, at, where)
+
+
+def check_schema(document: Dict[str, Any], where: str) -> None:
+    """Reject keys that mergekit's configuration schema does not have, at any depth.
+
+    mergekit's pydantic models ignore unknown keys, so ``paramters:`` under a model or
+    ``dtpye:`` at the root would merge with the defaults. The walk follows the fields of
+    ``MergeConfiguration`` itself (models, slices, modules, tokenizer, ...), so it stays in
+    step with the installed mergekit.
+    """
+    from mergekit.config import MergeConfiguration
+
+    _walk_schema(document, MergeConfiguration, "", where)
+    for key in ("dtype", "out_dtype"):
+        value = document.get(key)
+        if value is not None and str(value).removeprefix("torch.") not in DTYPES:
+            hint = difflib.get_close_matches(str(value), DTYPES, n=1)
+            suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
+            raise RecipeError(
+                f"{where}: {key}: {value!r} is not a dtype mergekit knows.{suggestion} "
+                f"Valid: {', '.join(DTYPES)}"
+            )
+
+
+def _admits_bool(annotation: Any) -> bool:
+    if annotation is bool:
+        return True
+    return any(_admits_bool(arg) for arg in typing.get_args(annotation))
+
+
+def parameter_blocks(
     scope: Dict[str, Any], prefix: str = ""
 ) -> Iterator[Tuple[str, Dict[str, Any]]]:
     """Every ``parameters:`` mapping in a raw recipe, with a readable location.
@@ -95,10 +205,10 @@ def _parameter_blocks(
                 yield f"{prefix}{key}[{i}] ({entry.get('model', '?')})", entry["parameters"]
     for j, out_slice in enumerate(scope.get("slices") or []):
         if isinstance(out_slice, dict):
-            yield from _parameter_blocks(out_slice, f"{prefix}slices[{j}].")
+            yield from parameter_blocks(out_slice, f"{prefix}slices[{j}].")
     for name, module in (scope.get("modules") or {}).items():
         if isinstance(module, dict):
-            yield from _parameter_blocks(module, f"{prefix}modules.{name}.")
+            yield from parameter_blocks(module, f"{prefix}modules.{name}.")
 
 
 def _scalars(setting: Any) -> Iterable[Tuple[Any, Optional[str]]]:
@@ -129,7 +239,7 @@ def check_parameters(recipe: Recipe) -> None:
             f"Available: {', '.join(known)}"
         ) from None
     specs = {spec.name: spec for spec in method.spec.parameters}
-    for location, block in _parameter_blocks(recipe.source):
+    for location, block in parameter_blocks(recipe.source):
         for key, setting in block.items():
             if key not in specs:
                 hint = difflib.get_close_matches(key, list(specs), n=1)
@@ -140,10 +250,15 @@ def check_parameters(recipe: Recipe) -> None:
                     " (mergekit would silently ignore it and use the default)"
                 )
             for value, filter_ in _scalars(setting):
+                scope = f" (filter {filter_!r})" if filter_ else ""
+                if isinstance(value, bool) and not _admits_bool(specs[key].value_type):
+                    raise RecipeError(
+                        f"{recipe.where}: {location}: {key} = {value!r}{scope} is a YAML "
+                        "boolean (yes/no/true/false), not a number; write the number"
+                    )
                 try:
                     specs[key].validate(value)
                 except Exception as error:  # pydantic's ValidationError and friends
-                    scope = f" (filter {filter_!r})" if filter_ else ""
                     raise RecipeError(
                         f"{recipe.where}: {location}: {key} = {value!r}{scope} is invalid: "
                         f"{_short(error)}"
@@ -154,6 +269,19 @@ def _model_paths(recipe: Recipe) -> List[str]:
     return sorted({ref.model.path for ref in recipe.config.referenced_models()})
 
 
+NO_MODEL_CHECK_HINT = (
+    " (if this check is wrong for your models, skip the model checks with --no-model-check)"
+)
+
+
+class ModelCheckError(RecipeError):
+    """A model folder or tensor header does not fit the recipe (skippable with
+    ``--no-model-check``, which the message says)."""
+
+    def __init__(self, message: str):
+        super().__init__(message + NO_MODEL_CHECK_HINT)
+
+
 def check_models_exist(recipe: Recipe, stage_names: Iterable[str] = ()) -> None:
     """Every referenced model is a local folder (or a mergekit-multi stage name)."""
     stages = set(stage_names)
@@ -161,23 +289,87 @@ def check_models_exist(recipe: Recipe, stage_names: Iterable[str] = ()) -> None:
         if path in stages:
             continue
         if not os.path.isdir(path):
-            raise RecipeError(
+            raise ModelCheckError(
                 f"{recipe.where}: model {path!r} not found (looked in {os.path.abspath(path)}). "
                 "Give the path of a local model folder; relative paths are taken from the "
                 "directory you run the command in. fapm-merge never downloads models."
             )
 
 
-def safetensors_shapes(folder: str) -> Optional[Dict[str, Tuple[Tuple[int, ...], str]]]:
+# safetensors' own limit on the JSON header; a larger length field means a damaged file.
+_MAX_HEADER = 100_000_000
+_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
+    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}
+
+
+def _read_header(path: str, model: str) -> Dict[str, Any]:
+    """The JSON header of one safetensors file, checked against the file's size.
+
+    A header length beyond the file (garbage bytes) or data offsets past its end (a
+    truncated download) are reported here, naming the file and the model, instead of a
+    MemoryError now or a failure mid-merge.
+    """
+    def damaged(why: str) -> ModelCheckError:
+        return ModelCheckError(
+            f"{path} (model {model}): not a readable safetensors file: {why}. "
+            "Re-download or re-save the checkpoint."
+        )
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise damaged(f"only {size} bytes")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > min(size - 8, _MAX_HEADER):
+            raise damaged(f"its header claims {length} bytes but the file has {size}")
+        try:
+            header = json.loads(handle.read(length))
+        except (ValueError, UnicodeDecodeError):
+            raise damaged("the header is not JSON") from None
+    if not isinstance(header, dict):
+        raise damaged("the header is not a JSON object")
+    data_size = size - 8 - length
+    for tensor, info in header.items():
+        if tensor == "__metadata__":
+            continue
+        try:
+            begin, end = (int(x) for x in info["data_offsets"])
+            shape = tuple(int(x) for x in info["shape"])
+            width = _DTYPE_BYTES.get(info["dtype"])
+        except (KeyError, TypeError, ValueError):
+            raise damaged(f"tensor {tensor!r} has no valid dtype/shape/data_offsets") from None
+        if end > data_size:
+            raise damaged(
+                f"tensor {tensor!r} ends at byte {end} of the data but the file holds "
+                f"{data_size} bytes of data (truncated?)"
+            )
+        if width is not None and end - begin != math.prod(shape) * width:
+            raise damaged(f"tensor {tensor!r}: its byte range does not match shape {list(shape)}")
+    return header
+
+
+def safetensors_shapes(
+    folder: str, model: Optional[str] = None
+) -> Optional[Dict[str, Tuple[Tuple[int, ...], str]]]:
     """Tensor name -> (shape, file) from the safetensors headers of a model folder.
 
-    Reads only the JSON headers. Returns ``None`` for folders without safetensors weights
-    (e.g. ``pytorch_model.bin``), which cannot be checked without loading them.
+    Reads only the JSON headers (bounded by each file's size). Returns ``None`` for folders
+    without safetensors weights (e.g. ``pytorch_model.bin``), which cannot be checked without
+    loading them. ``model`` names the model in messages (default: the folder).
     """
+    model = model or folder
     index_path = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index_path):
-        with open(index_path, encoding="utf-8") as handle:
-            files = sorted(set(json.load(handle)["weight_map"].values()))
+        try:
+            with open(index_path, encoding="utf-8") as handle:
+                files = sorted(set(json.load(handle)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ModelCheckError(
+                f"{index_path} (model {model}): not a valid safetensors index (no weight_map)"
+            ) from None
     elif os.path.isfile(os.path.join(folder, "model.safetensors")):
         files = ["model.safetensors"]
     else:
@@ -186,27 +378,81 @@ def safetensors_shapes(folder: str) -> Optional[Dict[str, Tuple[Tuple[int, ...],
     for name in files:
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
-            raise RecipeError(f"{index_path}: lists shard {name}, which does not exist")
-        with open(path, "rb") as handle:
-            try:
-                (length,) = struct.unpack("<Q", handle.read(8))
-                header = json.loads(handle.read(length))
-            except (struct.error, ValueError):
-                raise RecipeError(f"{path}: not a readable safetensors file") from None
-        for tensor, info in header.items():
+            raise ModelCheckError(
+                f"{index_path} (model {model}): lists shard {name}, which does not exist"
+            )
+        for tensor, info in _read_header(path, model).items():
             if tensor != "__metadata__":
                 shapes[tensor] = (tuple(info["shape"]), path)
     return shapes
 
 
+@dataclass(frozen=True)
+class WeightRoles:
+    """What mergekit's architecture definition says about tensor names of one model.
+
+    ``vocabulary_axis``: name -> the axis indexed by token ids (embeddings, lm_head);
+    ``optional``: names a model may lack (e.g. ``lm_head.weight`` with tied embeddings);
+    ``known``: every name mergekit merges (others are dropped silently), or None when the
+    architecture is not one mergekit defines (then every tensor is checked, and names with
+    ``embed`` / ``lm_head`` / ``wte`` are taken to have the vocabulary on axis 0).
+    """
+
+    vocabulary_axis: Dict[str, int]
+    optional: frozenset
+    known: Optional[frozenset]
+
+    def axis_of(self, name: str) -> Optional[int]:
+        if self.known is None:
+            return 0 if any(part in name for part in ("embed", "lm_head", "wte")) else None
+        return self.vocabulary_axis.get(name)
+
+
+def weight_roles(folder: str) -> WeightRoles:
+    """:class:`WeightRoles` from the model's ``config.json`` and mergekit's architectures."""
+    try:
+        from mergekit.architecture import arch_info_for_config
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(folder)
+        architecture = arch_info_for_config(config)
+        weights = architecture.all_weights(config) if architecture is not None else None
+    except Exception:  # no or unusual config.json: fall back to names
+        weights = None
+    if weights is None:
+        return WeightRoles({}, frozenset(), None)
+    axis, optional, known = {}, set(), set()
+    for weight in weights:
+        names = (weight.name, *(weight.aliases or ()))
+        known.update(names)
+        if weight.vocabulary_axis is not None:
+            axis.update({name: weight.vocabulary_axis for name in names})
+        if weight.optional or weight.tied_names:
+            optional.update(names)
+    return WeightRoles(axis, frozenset(optional), frozenset(known))
+
+
+def vocabulary_only(shape: Tuple[int, ...], other: Tuple[int, ...], axis: Optional[int]) -> bool:
+    """Two shapes differ only along the vocabulary ``axis`` (a resized vocabulary)."""
+    if axis is None or len(shape) != len(other) or axis >= len(shape):
+        return False
+    return all(a == b for i, (a, b) in enumerate(zip(shape, other)) if i != axis)
+
+
 def check_tensors_match(recipe: Recipe) -> None:
-    """Base and every fine-tune hold the same tensor names with the same shapes."""
+    """Base and every fine-tune hold the same tensors with the same shapes.
+
+    Follows mergekit's architecture definition: tensors it does not merge are ignored,
+    optional ones (tied ``lm_head``) may be missing, and shapes may differ along the
+    vocabulary axis when the recipe has a ``tokenizer`` section, which realigns the rows.
+    """
     base = recipe.config.base_model
     if base is None or not os.path.isdir(base.model.path):
         return
-    base_shapes = safetensors_shapes(base.model.path)
+    base_shapes = safetensors_shapes(base.model.path, str(base))
     if base_shapes is None:
         return
+    roles = weight_roles(base.model.path)
     vocab_aligned = recipe.config.tokenizer is not None or recipe.config.tokenizer_source
     for path in _model_paths(recipe):
         if path == base.model.path or not os.path.isdir(path):
@@ -214,32 +460,41 @@ def check_tensors_match(recipe: Recipe) -> None:
         shapes = safetensors_shapes(path)
         if shapes is None:
             continue
-        missing = sorted(set(base_shapes) - set(shapes))
-        extra = sorted(set(shapes) - set(base_shapes))
+        merged = (lambda n: True) if roles.known is None else (lambda n: n in roles.known)
+        missing = sorted(n for n in set(base_shapes) - set(shapes)
+                         if merged(n) and n not in roles.optional)
+        extra = sorted(n for n in set(shapes) - set(base_shapes)
+                       if merged(n) and n not in roles.optional)
         if missing or extra:
             name, holder, lacking = (
                 (missing[0], base.model.path, path) if missing else (extra[0], path, base.model.path)
             )
             count = len(missing) + len(extra)
-            raise RecipeError(
+            raise ModelCheckError(
                 f"{recipe.where}: tensor {name!r} is in {holder} but missing from {lacking}"
                 f" ({count} tensor name(s) differ). Merge only checkpoints of the same "
                 "architecture, fine-tuned from this base."
             )
-        for name, (shape, file) in base_shapes.items():
-            other_shape, other_file = shapes[name]
-            if shape == other_shape:
-                continue
-            if vocab_aligned and ("embed" in name or "lm_head" in name):
-                continue  # mergekit's tokenizer section realigns vocabulary rows
-            hint = (
-                " The vocabularies differ: add `tokenizer: {source: base}` to the recipe."
-                if ("embed" in name or "lm_head" in name)
-                else " The fine-tune must come from this base model."
-            )
-            raise RecipeError(
+        differing = [
+            (name, shape, shapes[name])
+            for name, shape in base_shapes.items()
+            if name in shapes and shape[0] != shapes[name][0] and merged(name)
+        ]
+        resized = [d for d in differing if vocabulary_only(d[1][0], d[2][0], roles.axis_of(d[0]))]
+        other = [d for d in differing if d not in resized]
+        if other:  # a real mismatch, reported before any vocabulary difference
+            name, (shape, file), (other_shape, other_file) = other[0]
+            raise ModelCheckError(
                 f"{recipe.where}: tensor {name!r} has shape {list(shape)} in {file} but "
-                f"{list(other_shape)} in {other_file}.{hint}"
+                f"{list(other_shape)} in {other_file}. The fine-tune must come from this base "
+                f"model ({len(other)} tensor(s) differ in shape)."
+            )
+        if resized and not vocab_aligned:
+            name, (shape, file), (other_shape, other_file) = resized[0]
+            raise ModelCheckError(
+                f"{recipe.where}: tensor {name!r} has shape {list(shape)} in {file} but "
+                f"{list(other_shape)} in {other_file}: the vocabularies differ. Add "
+                "`tokenizer: {source: base}` (or `source: union`) to the recipe."
             )
 
 
