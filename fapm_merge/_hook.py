@@ -18,6 +18,11 @@ class _RegisterAfterExec(importlib.abc.Loader):
     def __init__(self, loader):
         self._loader = loader
 
+    def __getattr__(self, name):
+        # Everything else (get_filename, is_package, get_source, get_resource_reader, ...)
+        # is the real loader's, so importlib.resources and inspect still work.
+        return getattr(self._loader, name)
+
     def create_module(self, spec):
         return self._loader.create_module(spec)
 

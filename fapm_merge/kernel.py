@@ -51,6 +51,10 @@ _INT_VIEW = {
 }
 
 
+# mergekit's generalized task arithmetic leaves summed weights below this undivided.
+_TINY_DIVISOR = 1e-8
+
+
 class NonFiniteWeightsError(ValueError):
     """A weight is NaN or infinite, so no ranking of the task vector is meaningful."""
 
@@ -734,11 +738,14 @@ def merge_task_vectors(
     if not finetuned:
         return base
     generators = generators or [None] * len(finetuned)
+    # w * dW / w is dW only where mergekit divides at all: it leaves a divisor alone below
+    # 1e-8 (exactly 0 under TIES), so weight 0 gives the base, `normalize` on or off.
+    undivided = 0.0 if consensus is not None else _TINY_DIVISOR
     single_identity = (
         len(finetuned) == 1
         and rescale == "none"
         and scale == 1.0
-        and (normalize or weight[0] == 1.0)
+        and (weight[0] == 1.0 or (normalize and abs(weight[0]) > undivided))
     )
     if single_identity:
         return _pruned(base, finetuned[0], sparsity[0], score, generators[0])
@@ -757,7 +764,7 @@ def merge_task_vectors(
         for extra in deltas[1:]:
             merged.add_(extra)
         divisor = weights.sum()
-        if normalize and divisor.abs() > 1e-8:
+        if normalize and divisor.abs() > _TINY_DIVISOR:
             merged.div_(divisor)
     else:
         stacked = torch.stack(deltas)
@@ -767,7 +774,7 @@ def merge_task_vectors(
         if normalize:
             shape = (-1,) + (1,) * base.dim()
             divisor = (weights.view(shape) * agree).sum(dim=0)
-            divisor[divisor == 0] = 1
+            divisor[divisor == 0] = 1  # mergekit's TIES guard (exact zero only)
             merged.div_(divisor)
         del stacked, agree
     if scale != 1.0:

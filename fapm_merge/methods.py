@@ -85,9 +85,9 @@ class FapmMerge(GroupMergeMethod):
                 consensus=consensus,
                 generators=generators,
             )
-        except kernel.NonFiniteWeightsError as error:
+        except kernel.NonFiniteWeightsError:
             raise kernel.NonFiniteWeightsError(
-                f"{self.spec.name}: tensor {name}: {error}"
+                f"{self.spec.name}: tensor {name}: {_non_finite(group)}"
             ) from None
         manifest_path = manifest.target(parameters.get("manifest", False))
         if manifest_path:
@@ -103,6 +103,17 @@ class FapmMerge(GroupMergeMethod):
                 seed=parameters["seed"],
             )
         return merged
+
+
+def _non_finite(group: TensorGroup) -> str:
+    """Which checkpoint holds the NaN / inf (looked up only once the kernel has found one)."""
+    culprits = [
+        f"{role} {entry.id}"
+        for role, entry in [("base model", group.base)] + [("fine-tune", e) for e in group.non_base]
+        if not bool(torch.isfinite(entry.tensor).all())
+    ]
+    where = ", ".join(culprits) or "the task vector (overflow)"
+    return f"NaN or infinite values in {where}; repair or re-save that checkpoint"
 
 
 METHODS = (

@@ -52,7 +52,9 @@ def test_merge_quick_runs_every_method(quick_results):
     for row in result["medians"].values():
         assert row["wall_s"] > 0 and row["cpu_s"] > 0 and row["peak_rss_gb"] > 0
         assert {"wall_vs_ta", "wall_vs_floor", "rss_vs_ta"} <= set(row)
-    assert result["medians"]["task_arithmetic"]["wall_vs_ta"] == pytest.approx(1.0)
+    ta_wall = result["medians"]["task_arithmetic"]["wall_s"]
+    for row in result["medians"].values():  # the ratios are what the walls say
+        assert row["wall_vs_ta"] == pytest.approx(row["wall_s"] / ta_wall, rel=0.02)
     assert result["meta"]["quick"] is True and result["meta"]["rounds"] == 1
     for key in ("nproc", "ram_gb", "cpu", "torch", "mergekit", "command"):
         assert key in result["meta"]

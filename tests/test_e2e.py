@@ -129,7 +129,7 @@ def test_python_start_imports_neither_torch_nor_mergekit():
         "print(get('fapm').spec.name, get('fapm_ties').spec.name)",
         # explicit import first, then mergekit: registration must not recurse or duplicate
         "import fapm_merge.methods\nimport fapm_merge\nfapm_merge.register()\n"
-        "from mergekit.merge_methods import get\nprint(get('fapm').spec.name, 'fapm_ties')",
+        "from mergekit.merge_methods import get\nprint(get('fapm').spec.name, get('fapm_ties').spec.name)",
     ],
 )
 def test_registration_in_a_fresh_interpreter(code):
@@ -150,3 +150,20 @@ def test_wheel_ships_the_hook(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "fapm_merge_hook.pth" in names
     assert "fapm_merge/_hook.py" in names
+
+
+def test_hook_keeps_mergekit_loader_intact():
+    code = (
+        "import importlib.resources, inspect, mergekit.merge_methods as m\n"
+        "from fapm_merge._hook import _RegisterAfterExec\n"
+        "assert isinstance(m.__loader__, _RegisterAfterExec), type(m.__loader__)\n"
+        "assert m.__loader__.is_package('mergekit.merge_methods')\n"
+        "assert m.__loader__.get_filename('mergekit.merge_methods').endswith('__init__.py')\n"
+        "assert inspect.getsourcefile(m).endswith('merge_methods/__init__.py')\n"
+        "names = {p.name for p in importlib.resources.files('mergekit.merge_methods').iterdir()}\n"
+        "assert 'registry.py' in names, names\n"
+        "from mergekit.merge_methods import registry\n"
+        "assert 'fapm' in {x.spec.name for x in registry.registered_methods()}\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

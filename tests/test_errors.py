@@ -152,3 +152,40 @@ def test_unknown_key_found_in_every_scope(tmp_path, layout, location):
     result = CliRunner().invoke(main, ["validate", "--no-model-check", str(recipe)])
     assert result.exit_code != 0
     assert location in result.output and "Did you mean 'sparsity'" in result.output
+
+
+@pytest.fixture(scope="module")
+def nan_base(broken_models):
+    from safetensors.torch import save_file
+
+    root, _ = broken_models
+    folder = root / "nan-base"
+    save_model(folder)
+    state = load_state(folder)
+    state["model.layers.2.mlp.down_proj.weight"][3, 1] = float("inf")
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize("method, score", [("fapm", "fapm"), ("fapm", "relative"),
+                                           ("fapm", "magnitude"), ("fapm", "random"),
+                                           ("fapm_ties", "fapm")])
+def test_non_finite_base_is_named_on_every_path(broken_models, nan_base, tmp_path, method, score):
+    root, good = broken_models
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(f"merge_method: {method}\nbase_model: {nan_base}\nmodels:\n  - model: {good}\n"
+                      f"parameters: {{score: {score}}}\ndtype: float32\n")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["run", str(recipe), str(out), "--no-copy-tokenizer",
+                                       "--no-write-model-card"])
+    assert_clean_failure(result, out, "model.layers.2.mlp.down_proj.weight",
+                         f"base model {nan_base}")
+    assert "fine-tune" not in result.output.split("NaN")[-1]
+
+
+def test_non_finite_fine_tune_is_named(broken_models, tmp_path):
+    root, good = broken_models
+    result, out = run_fapm(tmp_path, root / "base", root / "nan")
+    assert_clean_failure(result, out, "model.layers.0.self_attn.v_proj.weight",
+                         f"fine-tune {root / 'nan'}")
+    assert "base model" not in result.output

@@ -6,6 +6,7 @@ and mergekit's argsort-based trim must select exactly what our exact top-k selec
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import load_state
 
@@ -94,3 +95,49 @@ def test_fapm_score_changes_the_result(tmp_path, tiny_models):
     fapm = merged(tmp_path, tiny_models, "f", "fapm_ties", "sparsity: 0.9", "sparsity: 0.9")
     name = "model.layers.0.mlp.down_proj.weight"
     assert not torch.equal(magnitude[name], fapm[name])
+
+
+SINGLE = """\
+merge_method: {method}
+base_model: {base}
+models:
+{models}
+parameters: {{{shared}}}
+dtype: float32
+"""
+
+
+def merged_with(tmp_path, tiny_models, name, method, entries, shared):
+    models = "".join(
+        f"  - model: {tiny_models[key]}\n    parameters: {{{params}}}\n" for key, params in entries
+    )
+    recipe = tmp_path / f"{name}.yml"
+    recipe.write_text(SINGLE.format(method=method, base=tiny_models["base"], models=models,
+                                    shared=shared))
+    merge(str(recipe), str(tmp_path / name))
+    return load_state(tmp_path / name)
+
+
+@pytest.mark.parametrize("weights", [(0.0,), (0.5,), (-1.0,), (0.0, 0.5), (0.5, -1.0)])
+@pytest.mark.parametrize("normalize", ["true", "false"])
+def test_weights_match_mergekit_ties_and_task_arithmetic(tmp_path, tiny_models, weights,
+                                                        normalize):
+    """Weights 0, 0.5 and -1, on one and two fine-tunes, with normalize on and off."""
+    keys = ["ft_a", "ft_b"][: len(weights)]
+    ties = merged_with(tmp_path, tiny_models, "ties", "ties",
+                       [(k, f"weight: {w}, density: 0.2") for k, w in zip(keys, weights)],
+                       f"normalize: {normalize}")
+    ours = merged_with(tmp_path, tiny_models, "fapm_ties", "fapm_ties",
+                       [(k, f"weight: {w}, sparsity: 0.8") for k, w in zip(keys, weights)],
+                       f"score: magnitude, normalize: {normalize}")
+    assert_same_models(ours, ties)
+    ta = merged_with(tmp_path, tiny_models, "ta", "task_arithmetic",
+                     [(k, f"weight: {w}") for k, w in zip(keys, weights)],
+                     f"normalize: {normalize}")
+    fapm0 = merged_with(tmp_path, tiny_models, "fapm0", "fapm",
+                        [(k, f"weight: {w}, sparsity: 0.0") for k, w in zip(keys, weights)],
+                        f"normalize: {normalize}")
+    assert_same_models(fapm0, ta)
+    if weights == (0.0,):  # weight 0 is the base, exactly
+        base = load_state(tiny_models["base"])
+        assert all(torch.equal(ours[k], base[k]) for k in base)

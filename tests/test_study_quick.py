@@ -137,7 +137,14 @@ def test_quick_study_end_to_end_and_resume(tmp_path):
         scores = json.loads((folder / "scores.json").read_text())
         assert set(scores["general"]) == {"knowledge", "arithmetic", "code", "commonsense"}
     assert data["references"]["pretrained"]["forgetting"] == 0.0
-    assert "FAPM" in "\n".join(data["verdict"])
+    rows = {(r["method"], r["knob"]): r for r in data["rows"]}
+    compared = [k for (m, k) in rows if m == "fapm" and ("magnitude", k) in rows]
+    assert compared
+    for knob in compared:  # every compared sparsity, with the numbers of its rows
+        fapm, mag = rows[("fapm", knob)], rows[("magnitude", knob)]
+        line = (f"- sparsity {knob:g}: retention {fapm['retention']:.3f} vs "
+                f"{mag['retention']:.3f}")
+        assert any(v.startswith(line) for v in data["verdict"]), (line, data["verdict"])
     # training-time methods: their own fine-tunes at every training seed, then FAPM on each
     seeds = quick_config().training_methods.seeds
     main = quick_config().training.seed
