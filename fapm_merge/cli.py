@@ -105,7 +105,11 @@ def run(
         source = handle.read()
     try:
         with output.staged(out_path, replace) as staging:
-            config = _manifest_into_staging(recipe, out_path, staging.path)
+            config = _config_for_run(recipe, out_path, staging.path)
+            if merge_options.lora_merge_cache is None:  # mergekit refuses `+lora` without one
+                merge_options = merge_options.model_copy(
+                    update={"lora_merge_cache": os.path.join(staging.outer, "lora-merges")}
+                )
             manifest_file = os.path.join(staging.path, "fapm_manifest.jsonl") if manifest else None
             try:
                 # FAPM_MANIFEST: see fapm_merge.manifest (a `manifest: path` in the recipe wins)
@@ -141,27 +145,39 @@ def _check_device(options: MergeOptions) -> None:
 
 
 def _input_folders(config) -> list:
-    """(label, local folder) of every model a recipe reads: models, LoRA adapters, tokenizers."""
+    """(label, local folder) of every model a recipe reads: models, LoRA adapters, tokenizer
+    sources; hub ids by their cached snapshot (unresolvable ones cannot be written over)."""
+    from fapm_merge.references import ReferenceError, resolve
+
     references = list(config.referenced_models())
     for source in (config.tokenizer_source, getattr(config.tokenizer, "source", None)):
         if source is not None and not isinstance(source, str):
             references.append(source)
     folders = []
     for reference in references:
-        for path in (reference.model.path, reference.lora.path if reference.lora else None):
-            if path and os.path.isdir(path):
-                folders.append((str(reference), path))
+        try:
+            model, lora = resolve(reference)
+        except ReferenceError:
+            continue
+        folders += [(str(reference), path) for path in (model, lora) if path]
     return folders
 
 
-def _manifest_into_staging(recipe, out_path: str, staging: str):
-    """The recipe's config, with every `manifest:` file inside OUT moved into the staging
-    folder (so it ends up in OUT with the model instead of being written over)."""
+def _config_for_run(recipe, out_path: str, staging: str):
+    """The recipe's config as mergekit gets it: offline, hub ids point at their cached
+    snapshots (mergekit 0.1.5 would ask the Hub); every `manifest:` file inside OUT is moved
+    into the staging folder (so it ends up in OUT with the model, not written over)."""
+    from huggingface_hub import constants
+
     from fapm_merge import manifest as manifest_module
     from fapm_merge.recipe import parameter_blocks
+    from fapm_merge.references import localized_source
 
     source = copy.deepcopy(recipe.source)
     moved = False
+    if constants.HF_HUB_OFFLINE:
+        localized = localized_source(source)
+        moved, source = localized != source, localized
     for _, block in parameter_blocks(source):
         setting = block.get("manifest")
         if not isinstance(setting, str) or manifest_module.target(setting) != setting:

@@ -29,14 +29,16 @@ def inspect_command(base, finetuned, sparsity, out_dir, modules, exclude, heatma
                     heatmap_size, top, no_plots, quiet) -> None:
     """Show where FT's forgetting risk sits relative to BASE, before and after pruning.
 
-    BASE and FT are local Hugging Face model folders (model.safetensors, or shards with
-    model.safetensors.index.json). Tensors are read one pair at a time. Per tensor, module
+    BASE and FT are model references as in a recipe: local Hugging Face model folders
+    (model.safetensors, or shards with model.safetensors.index.json) or hub ids
+    (`org/name[@revision]`) already in the Hugging Face cache (never downloaded). Tensors are read one pair at a time. Per tensor, module
     type and layer: mean |dW|, the relative change |dW|/|W_pre|, the share of negative FAPM
     scores, and what FAPM and magnitude pruning each keep at --sparsity (overlap, task-vector
     energy, relative change of the kept part). See docs/inspect.md.
     """
     from fapm_merge.inspection import InspectError, inspect_models
 
+    base, finetuned = _local(base), _local(finetuned)
     try:
         stats = inspect_models(
             base,
@@ -65,3 +67,23 @@ def inspect_command(base, finetuned, sparsity, out_dir, modules, exclude, heatma
         f"Jaccard {fmt(s.get('jaccard'))}"
     )
     click.echo(f"report: {out_dir}/report.md")
+
+
+def _local(text: str) -> str:
+    """The local folder of a model reference; a `+lora` one is refused (inspect reads
+    weights from disk, and the adapter is only merged into them by mergekit)."""
+    from mergekit.common import ModelReference
+
+    from fapm_merge.references import ReferenceError, local_folder
+
+    reference = ModelReference.model_validate(text)
+    if reference.lora is not None:
+        raise click.ClickException(
+            f"{text}: inspect reads weights from disk and cannot apply a LoRA adapter; merge it "
+            "first (e.g. a mergekit `passthrough` recipe with that model, or peft's "
+            "merge_and_unload) and inspect the merged folder"
+        )
+    try:
+        return local_folder(reference.model.path, reference.model.revision)
+    except ReferenceError as error:
+        raise click.ClickException(str(error)) from None

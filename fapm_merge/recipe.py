@@ -13,6 +13,7 @@ import json
 import math
 import os
 import struct
+import sys
 import typing
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
@@ -265,10 +266,6 @@ def check_parameters(recipe: Recipe) -> None:
                     ) from None
 
 
-def _model_paths(recipe: Recipe) -> List[str]:
-    return sorted({ref.model.path for ref in recipe.config.referenced_models()})
-
-
 NO_MODEL_CHECK_HINT = (
     " (if this check is wrong for your models, skip the model checks with --no-model-check)"
 )
@@ -282,18 +279,39 @@ class ModelCheckError(RecipeError):
         super().__init__(message + NO_MODEL_CHECK_HINT)
 
 
-def check_models_exist(recipe: Recipe, stage_names: Iterable[str] = ()) -> None:
-    """Every referenced model is a local folder (or a mergekit-multi stage name)."""
+def model_folders(recipe: Recipe, stage_names: Iterable[str] = ()) -> Dict[str, Tuple[str, Optional[str]]]:
+    """Reference -> (local model folder, local LoRA folder or None) of every model the recipe
+    reads, resolved as mergekit resolves them (hub ids from the cache, never downloaded);
+    mergekit-multi stage names are left out."""
+    from fapm_merge.references import ReferenceError, resolve
+
     stages = set(stage_names)
-    for path in _model_paths(recipe):
-        if path in stages:
+    folders = {}
+    for reference in recipe.config.referenced_models():
+        if reference.model.path in stages:
             continue
-        if not os.path.isdir(path):
-            raise ModelCheckError(
-                f"{recipe.where}: model {path!r} not found (looked in {os.path.abspath(path)}). "
-                "Give the path of a local model folder; relative paths are taken from the "
-                "directory you run the command in. fapm-merge never downloads models."
-            )
+        try:
+            folders[str(reference)] = resolve(reference)
+        except ReferenceError as error:
+            raise ModelCheckError(f"{recipe.where}: {error}") from None
+    return folders
+
+
+def check_models_exist(recipe: Recipe, stage_names: Iterable[str] = ()) -> None:
+    """Every referenced model is a local folder or cached hub model (or a mergekit-multi
+    stage name); every LoRA adapter is a LoRA adapter for its model."""
+    from fapm_merge.references import ReferenceError, check_lora
+
+    for label, (model, lora) in model_folders(recipe, stage_names).items():
+        if lora is None:
+            continue
+        shapes = safetensors_shapes(model, label) or {}
+        try:
+            warnings = check_lora(lora, model, list(shapes), f"{recipe.where}: {label}")
+        except ReferenceError as error:
+            raise ModelCheckError(str(error)) from None
+        for warning in warnings:
+            print(f"warning: {warning}", file=sys.stderr)
 
 
 # safetensors' own limit on the JSON header; a larger length field means a damaged file.
@@ -439,7 +457,7 @@ def vocabulary_only(shape: Tuple[int, ...], other: Tuple[int, ...], axis: Option
     return all(a == b for i, (a, b) in enumerate(zip(shape, other)) if i != axis)
 
 
-def check_tensors_match(recipe: Recipe) -> None:
+def check_tensors_match(recipe: Recipe, stage_names: Iterable[str] = ()) -> None:
     """Base and every fine-tune hold the same tensors with the same shapes.
 
     Follows mergekit's architecture definition: tensors it does not merge are ignored,
@@ -447,15 +465,18 @@ def check_tensors_match(recipe: Recipe) -> None:
     vocabulary axis when the recipe has a ``tokenizer`` section, which realigns the rows.
     """
     base = recipe.config.base_model
-    if base is None or not os.path.isdir(base.model.path):
+    folders = model_folders(recipe, stage_names)
+    if base is None or str(base) not in folders:
         return
-    base_shapes = safetensors_shapes(base.model.path, str(base))
+    base_folder = folders[str(base)][0]
+    base_shapes = safetensors_shapes(base_folder, str(base))
     if base_shapes is None:
         return
-    roles = weight_roles(base.model.path)
+    roles = weight_roles(base_folder)
     vocab_aligned = recipe.config.tokenizer is not None or recipe.config.tokenizer_source
-    for path in _model_paths(recipe):
-        if path == base.model.path or not os.path.isdir(path):
+    # a LoRA merge keeps its model's shapes: check the model folder
+    for path in sorted({model for model, _ in folders.values()}):
+        if path == base_folder:
             continue
         shapes = safetensors_shapes(path)
         if shapes is None:
@@ -512,5 +533,5 @@ def check_recipe_file(path: str, check_models: bool = True) -> List[Recipe]:
         check_parameters(recipe)
         if check_models:
             check_models_exist(recipe, stage_names)
-            check_tensors_match(recipe)
+            check_tensors_match(recipe, stage_names)
     return recipes
