@@ -330,7 +330,7 @@ def test_cli(models, tmp_path):
     assert set(stats["module_types"]) == {"q_proj", "down_proj"}
     assert not list(out.glob("*.png"))
     missing = CliRunner().invoke(main, ["inspect", str(tmp_path / "nope"), str(models["ft"])])
-    assert missing.exit_code != 0 and "does not exist" in missing.output
+    assert missing.exit_code != 0 and "not found (looked in" in missing.output and "Traceback" not in missing.output
 
 
 # --------------------------------------------------------------------------------------------

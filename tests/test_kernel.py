@@ -69,15 +69,21 @@ def pair(shape, dtype, seed, zero_fraction=0.05):
 @pytest.mark.parametrize("shape", [(64, 96), (1000,), (7, 3, 11)])
 def test_matches_float64_reference(dtype, sparsity, shape):
     base, ft = pair(shape, dtype, seed=zlib.crc32(f"{dtype}:{sparsity}:{shape}".encode()) % 1000)
+    mask, differ = assert_matches_reference(base, ft, sparsity)
+    assert int(differ.sum()) <= max(2, mask.numel() // 1000)
+
+
+def assert_matches_reference(base, ft, sparsity):
+    """prune_mask vs :func:`reference_mask`: the same count, and a different choice only where
+    the float64 score equals the threshold to float32 precision (float32 scores can tie or
+    swap where float64 ones barely differ). Returns (mask, where the two differ)."""
     mask = prune_mask(base, ft, sparsity)
     expected, ref_scores, threshold = reference_mask(base, ft, sparsity)
     assert int(mask.sum()) == int(expected.sum())
     differ = mask ^ expected
-    # Only elements whose float64 score equals the threshold to float32 precision may be
-    # ranked differently (float32 scores can tie or swap where float64 ones barely differ).
     ambiguous = (ref_scores - threshold).abs() <= 1e-5 * abs(threshold) + 1e-12
     assert bool((differ <= ambiguous).all())
-    assert int(differ.sum()) <= max(2, mask.numel() // 1000)
+    return mask, differ
 
 
 @pytest.mark.parametrize(
@@ -94,12 +100,7 @@ def test_matches_float64_reference(dtype, sparsity, shape):
 def test_large_and_float64_inputs_match_the_reference(dtype, shape, sparsity):
     """The sampled-bracket paths (fused FAPM and the general one) against the float64 sort."""
     base, ft = pair(shape, dtype, seed=zlib.crc32(f"large:{dtype}:{shape}:{sparsity}".encode()))
-    mask = prune_mask(base, ft, sparsity)
-    expected, ref_scores, threshold = reference_mask(base, ft, sparsity)
-    assert int(mask.sum()) == int(expected.sum())
-    differ = mask ^ expected
-    ambiguous = (ref_scores - threshold).abs() <= 1e-5 * abs(threshold) + 1e-12
-    assert bool((differ <= ambiguous).all())
+    mask, _ = assert_matches_reference(base, ft, sparsity)
     out = fapm_prune(base, ft, sparsity)
     assert out.dtype == dtype
     assert torch.equal(out[mask], ft[mask]) and torch.equal(out[~mask], base[~mask])

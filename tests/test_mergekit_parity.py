@@ -124,20 +124,19 @@ def test_weights_match_mergekit_ties_and_task_arithmetic(tmp_path, tiny_models, 
                                                         normalize):
     """Weights 0, 0.5 and -1, on one and two fine-tunes, with normalize on and off."""
     keys = ["ft_a", "ft_b"][: len(weights)]
-    ties = merged_with(tmp_path, tiny_models, "ties", "ties",
-                       [(k, f"weight: {w}, density: 0.2") for k, w in zip(keys, weights)],
-                       f"normalize: {normalize}")
-    ours = merged_with(tmp_path, tiny_models, "fapm_ties", "fapm_ties",
-                       [(k, f"weight: {w}, sparsity: 0.8") for k, w in zip(keys, weights)],
-                       f"score: magnitude, normalize: {normalize}")
-    assert_same_models(ours, ties)
-    ta = merged_with(tmp_path, tiny_models, "ta", "task_arithmetic",
-                     [(k, f"weight: {w}") for k, w in zip(keys, weights)],
-                     f"normalize: {normalize}")
-    fapm0 = merged_with(tmp_path, tiny_models, "fapm0", "fapm",
-                        [(k, f"weight: {w}, sparsity: 0.0") for k, w in zip(keys, weights)],
-                        f"normalize: {normalize}")
-    assert_same_models(fapm0, ta)
+    results = {}
+    for name, method, params, shared in (
+        ("ties", "ties", "density: 0.2", ""),
+        ("fapm_ties", "fapm_ties", "sparsity: 0.8", "score: magnitude, "),
+        ("ta", "task_arithmetic", "", ""),
+        ("fapm0", "fapm", "sparsity: 0.0", ""),
+    ):
+        entries = [(k, f"weight: {w}" + (f", {params}" if params else "")) for k, w in zip(keys, weights)]
+        results[name] = merged_with(tmp_path, tiny_models, name, method, entries,
+                                    f"{shared}normalize: {normalize}")
+    assert_same_models(results["fapm_ties"], results["ties"])
+    assert_same_models(results["fapm0"], results["ta"])
+    ours = results["fapm_ties"]
     if weights == (0.0,):  # weight 0 is the base, exactly
         base = load_state(tiny_models["base"])
         assert all(torch.equal(ours[k], base[k]) for k in base)
