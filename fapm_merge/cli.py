@@ -29,9 +29,10 @@ def main() -> None:
     """
 
 
-def _checked(config_file: str, check_models: bool = True):
+def _checked(config_file: str, check_models: bool = True, allow_uncached: bool = False):
     try:
-        return check_recipe_file(config_file, check_models=check_models)
+        return check_recipe_file(config_file, check_models=check_models,
+                                 allow_uncached=allow_uncached)
     except RecipeError as error:
         raise click.ClickException(str(error)) from None
 
@@ -82,7 +83,11 @@ def run(
     from fapm_merge import output
 
     _check_device(merge_options)
-    recipes = _checked(config_file, check_models=not no_model_check)
+    from huggingface_hub import constants
+
+    # online, an uncached hub model is mergekit's to download (validate never downloads)
+    recipes = _checked(config_file, check_models=not no_model_check,
+                       allow_uncached=not constants.HF_HUB_OFFLINE)
     if len(recipes) != 1:
         raise click.ClickException(
             f"{config_file} holds {len(recipes)} recipes: run it with "

@@ -279,11 +279,14 @@ class ModelCheckError(RecipeError):
         super().__init__(message + NO_MODEL_CHECK_HINT)
 
 
-def model_folders(recipe: Recipe, stage_names: Iterable[str] = ()) -> Dict[str, Tuple[str, Optional[str]]]:
+def model_folders(
+    recipe: Recipe, stage_names: Iterable[str] = (), allow_uncached: bool = False
+) -> Dict[str, Tuple[str, Optional[str]]]:
     """Reference -> (local model folder, local LoRA folder or None) of every model the recipe
     reads, resolved as mergekit resolves them (hub ids from the cache, never downloaded);
-    mergekit-multi stage names are left out."""
-    from fapm_merge.references import ReferenceError, resolve
+    mergekit-multi stage names are left out. ``allow_uncached``: a hub id that is not cached
+    is left out too (mergekit will download it), instead of an error."""
+    from fapm_merge.references import ReferenceError, looks_like_hub_id, resolve
 
     stages = set(stage_names)
     folders = {}
@@ -293,16 +296,26 @@ def model_folders(recipe: Recipe, stage_names: Iterable[str] = ()) -> Dict[str, 
         try:
             folders[str(reference)] = resolve(reference)
         except ReferenceError as error:
-            raise ModelCheckError(f"{recipe.where}: {error}") from None
+            hub = looks_like_hub_id(reference.model.path) and not os.path.exists(reference.model.path)
+            if not (allow_uncached and hub):
+                raise ModelCheckError(f"{recipe.where}: {error}") from None
     return folders
 
 
-def check_models_exist(recipe: Recipe, stage_names: Iterable[str] = ()) -> None:
+def check_models_exist(
+    recipe: Recipe, stage_names: Iterable[str] = (), allow_uncached: bool = False
+) -> None:
     """Every referenced model is a local folder or cached hub model (or a mergekit-multi
     stage name); every LoRA adapter is a LoRA adapter for its model."""
     from fapm_merge.references import ReferenceError, check_lora
 
-    for label, (model, lora) in model_folders(recipe, stage_names).items():
+    folders = model_folders(recipe, stage_names, allow_uncached)
+    for reference in recipe.config.referenced_models():
+        if str(reference) not in folders and reference.model.path not in set(stage_names):
+            print(f"warning: {recipe.where}: {reference} is not in the Hugging Face cache; "
+                  "mergekit will download it, and its tensors are not checked beforehand",
+                  file=sys.stderr)
+    for label, (model, lora) in folders.items():
         if lora is None:
             continue
         shapes = safetensors_shapes(model, label) or {}
@@ -457,7 +470,9 @@ def vocabulary_only(shape: Tuple[int, ...], other: Tuple[int, ...], axis: Option
     return all(a == b for i, (a, b) in enumerate(zip(shape, other)) if i != axis)
 
 
-def check_tensors_match(recipe: Recipe, stage_names: Iterable[str] = ()) -> None:
+def check_tensors_match(
+    recipe: Recipe, stage_names: Iterable[str] = (), allow_uncached: bool = False
+) -> None:
     """Base and every fine-tune hold the same tensors with the same shapes.
 
     Follows mergekit's architecture definition: tensors it does not merge are ignored,
@@ -465,7 +480,7 @@ def check_tensors_match(recipe: Recipe, stage_names: Iterable[str] = ()) -> None
     vocabulary axis when the recipe has a ``tokenizer`` section, which realigns the rows.
     """
     base = recipe.config.base_model
-    folders = model_folders(recipe, stage_names)
+    folders = model_folders(recipe, stage_names, allow_uncached)
     if base is None or str(base) not in folders:
         return
     base_folder = folders[str(base)][0]
@@ -519,7 +534,9 @@ def check_tensors_match(recipe: Recipe, stage_names: Iterable[str] = ()) -> None
             )
 
 
-def check_recipe_file(path: str, check_models: bool = True) -> List[Recipe]:
+def check_recipe_file(
+    path: str, check_models: bool = True, allow_uncached: bool = False
+) -> List[Recipe]:
     """All checks for a ``mergekit-yaml`` or ``mergekit-multi`` recipe file.
 
     Raises :class:`RecipeError` on the first problem; returns the parsed documents.
@@ -532,6 +549,6 @@ def check_recipe_file(path: str, check_models: bool = True) -> List[Recipe]:
     for recipe in recipes:
         check_parameters(recipe)
         if check_models:
-            check_models_exist(recipe, stage_names)
-            check_tensors_match(recipe, stage_names)
+            check_models_exist(recipe, stage_names, allow_uncached)
+            check_tensors_match(recipe, stage_names, allow_uncached)
     return recipes

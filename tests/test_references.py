@@ -142,3 +142,18 @@ def test_inspect_takes_a_cached_hub_id(hub, tmp_path):
                       "--out", tmp_path / "rep", env=env, check=False)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "rep" / "stats.json").is_file()
+
+
+def test_online_run_leaves_uncached_hub_ids_to_mergekit(hub, tmp_path, monkeypatch, capsys):
+    """validate refuses an uncached hub id; run's checks (online) warn and let mergekit fetch."""
+    from huggingface_hub import constants
+
+    from fapm_merge.recipe import RecipeError, check_recipe_file
+
+    root, env = hub
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(Path(env["HF_HOME"]) / "hub"))
+    path = recipe(tmp_path, root / "local" / "base", "org/not-cached")
+    with pytest.raises(RecipeError, match="neither a local folder"):
+        check_recipe_file(str(path))
+    check_recipe_file(str(path), allow_uncached=True)
+    assert "mergekit will download it" in capsys.readouterr().err
