@@ -8,7 +8,8 @@ Vocabulary (as in the paper and mergekit):
 - A *score* ranks the elements of one tensor; the highest ``kept_count`` are kept.
 
 Every function works on any device and creates its tensors on the input's device. Scores are
-float32 whatever the input dtype; means are accumulated in float64.
+float32 whatever the input dtype (the task vector of float64 inputs is taken in float64 first,
+so unchanged elements stay unchanged); means are accumulated in float64.
 """
 
 from __future__ import annotations
@@ -78,6 +79,11 @@ def kept_count(numel: int, sparsity: float) -> int:
 _NON_FINITE_CHANGE = "the task vector has NaN or infinite values (check both checkpoints)"
 
 
+def _exact_in_float32(*tensors: torch.Tensor) -> bool:
+    """Whether float32 holds every value of these tensors (not for float64)."""
+    return all(t.dtype in _EXACT_IN_FLOAT32 for t in tensors)
+
+
 def _chunks(tensor: torch.Tensor):
     """Flat pieces of a tensor: mixed-dtype and float64 ops on whole tensors allocate a
     converted copy of their input (1-2x the tensor); per piece that copy stays small."""
@@ -101,9 +107,14 @@ def _task_vector_magnitude(
     base: torch.Tensor, finetuned: torch.Tensor
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """|dW| in float32 and the mask of elements that did not change (dW == 0)."""
-    change = finetuned.to(torch.float32, copy=True)
-    for piece, base_piece in zip(_chunks(change), _chunks(base)):
-        piece.sub_(base_piece)
+    exact = _exact_in_float32(base, finetuned)
+    change = torch.empty(base.shape, dtype=torch.float32, device=base.device)
+    for piece, base_piece, ft_piece in zip(_chunks(change), _chunks(base), _chunks(finetuned)):
+        if exact:
+            piece.copy_(ft_piece)
+            piece.sub_(base_piece)
+        else:  # as in _FapmScorer.of: dW in float64, then rounded
+            piece.copy_(torch.sub(ft_piece, base_piece))
     if not math.isfinite(_sum64(change)):
         raise NonFiniteWeightsError(_NON_FINITE_CHANGE)
     change.abs_()
@@ -225,10 +236,12 @@ class _FapmScorer:
         penalty = _buffer(scratch, "penalty", m, torch.float32, self.device) if out is None else out
         change = _buffer(scratch, "change", m, torch.float32, self.device)
         penalty.copy_(base)
-        change.copy_(finetuned)
-        # |dW| exactly as finetuned.float() - base (float32 op; a float64 base is subtracted
-        # as it is, like the whole-tensor formula does)
-        change.sub_(penalty if base.dtype in _EXACT_IN_FLOAT32 else base).abs_()
+        if _exact_in_float32(base, finetuned):  # dW: one float32 op on exact float32 values
+            change.copy_(finetuned)
+            change.sub_(penalty)
+        else:  # float64: dW in float64, then rounded (a zero stays zero: no-ops stay no-ops)
+            change.copy_(torch.sub(finetuned, base))
+        change.abs_()
         largest = change.amax() if m else change.new_zeros(())
         if self.mean == 0:  # all-zero base: no relative change is defined, S = |dW|
             penalty.copy_(change)
