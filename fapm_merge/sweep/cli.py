@@ -9,6 +9,20 @@ def _fail(error: Exception) -> click.ClickException:
     return click.ClickException(str(error))
 
 
+def _command_line() -> list:
+    """The command as it can be rerun: the arguments and every option not at its default."""
+    context = click.get_current_context()
+    line = ["fapm-merge", context.info_name or "sweep"]
+    for parameter in context.command.params:
+        value = context.params.get(parameter.name)
+        if isinstance(parameter, click.Argument):
+            line.append(str(value))
+        elif value not in (None, False, "") and value != parameter.default:
+            flag = max(parameter.opts, key=len)
+            line += [flag] if parameter.is_flag else [flag, str(value)]
+    return line
+
+
 @click.command("sweep")
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
@@ -74,7 +88,7 @@ def sweep_command(recipe, out_dir, sparsity, score, task_tasks, general_tasks, i
                     seeds.append(int(part))
                 except ValueError:
                     raise SweepInputError(f"--dare-seeds: {part!r} is not an integer") from None
-        from fapm_merge.sweep.run import SweepOptions, main_argv, run_sweep
+        from fapm_merge.sweep.run import SweepOptions, run_sweep
 
         options = SweepOptions(
             recipe=recipe, out_dir=out_dir,
@@ -87,7 +101,7 @@ def sweep_command(recipe, out_dir, sparsity, score, task_tasks, general_tasks, i
             num_fewshot=num_fewshot, wise=parse_fractions(wise, "--wise"), dare_seeds=seeds,
             min_retention=min_retention, device=device, batch_size=batch_size,
             model_args=model_args, low_memory=low_memory, backend=backend, force=force,
-            bootstrap_iters=bootstrap_iters, tokenizer=tokenizer, command=main_argv(),
+            bootstrap_iters=bootstrap_iters, tokenizer=tokenizer, command=_command_line(),
             quiet=quiet,
         )
         run_sweep(options, echo=lambda text: click.echo(text, err=True))

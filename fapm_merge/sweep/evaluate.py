@@ -117,8 +117,12 @@ def resolve_metrics(manager, specs: Sequence[TaskSpec]) -> List[TaskSpec]:
     from lm_eval.tasks import get_task_dict
 
     names = [spec.task for spec in specs]
+    import warnings
+
     try:
-        tasks = get_task_dict(names, manager)
+        with warnings.catch_warnings():  # get_task_dict is deprecated in 0.4.13, still works
+            warnings.simplefilter("ignore", DeprecationWarning)
+            tasks = get_task_dict(names, manager)
     except Exception as error:  # a dataset that is not here, a broken YAML...
         raise SweepInputError(
             f"lm-eval could not build the tasks {', '.join(names)}: {type(error).__name__}: "

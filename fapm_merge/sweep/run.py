@@ -11,7 +11,6 @@ import inspect
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -368,7 +367,3 @@ class _LowMemory:
 
     def close(self) -> None:
         shutil.rmtree(self.scratch, ignore_errors=True)
-
-
-def main_argv() -> List[str]:
-    return [os.path.basename(sys.argv[0])] + sys.argv[1:]
