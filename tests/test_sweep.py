@@ -122,9 +122,13 @@ def test_every_variant_is_bit_identical_to_mergekit(work, tmp_path, dtype):
     assert dtype_ == getattr(torch, dtype)
     live = AutoModelForCausalLM.from_pretrained(recipe.base, dtype=dtype_)
     engine = InMemorySweep(recipe, live)
+    # 0 and 1 are the kernel's special cases; 0.9 / 0.99 take FAPM's fused path on the
+    # tensors above 65,536 elements, 0.5 its general path
     variants = build_variants(recipe, [0.0, 0.5, 0.9, 0.99, 1.0], ["fapm", "magnitude"],
                               wise=[0.25], dare_seeds=[0])
-    variants = [v for v in variants if v.kind != "dare" or v.sparsity in (0.9,)]
+    variants = [v for v in variants if v.kind != "dare" or v.sparsity == 0.9]
+    if dtype == "bfloat16":  # magnitude's path is the general one, covered in float32
+        variants = [v for v in variants if v.score != "magnitude"]
     engine.prepare(variants)
     assert engine.level_bytes > 0  # the fast path is in use
     checked = 0
