@@ -17,6 +17,7 @@ from fapm_merge import __version__
 from fapm_merge.inspect_cli import inspect_command
 from fapm_merge.recipe import RecipeError, check_recipe_file
 from fapm_merge.study.cli import study
+from fapm_merge.sweep.cli import sweep_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -214,6 +215,7 @@ def demo(out_dir: str, sparsity: float, seed: int) -> None:
 
 main.add_command(inspect_command)
 main.add_command(study)
+main.add_command(sweep_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

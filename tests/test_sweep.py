@@ -1,0 +1,385 @@
+"""``fapm-merge sweep`` on tiny generated models and tiny local lm-eval tasks (no network).
+
+The models are small enough for CI but have tensors above the kernel's direct-selection size
+(65,536 elements), so FAPM's fused path is what mergekit runs for them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from conftest import fine_tune_of, load_state, run_tool, save_model
+
+WORDS = "the cat dog sat ran on mat red blue green one two three four yes no".split()
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [" ".join(random.Random(i).choices(WORDS, k=8)) for i in range(200)]
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|endoftext|>",
+                                   eos_token="<|endoftext|>", unk_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+
+
+def write_task(folder: Path, name: str, count: int = 24, metrics=("acc", "acc_norm")) -> None:
+    """A multiple-choice lm-eval task read from a local JSON-lines file."""
+    rng = random.Random(name)
+    rows = [{"query": " ".join(rng.choices(WORDS, k=4)), "choices": [" cat", " dog", " mat"],
+             "gold": i % 3} for i in range(count)]
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    metric_list = "".join(f"  - metric: {m}\n    aggregation: mean\n    higher_is_better: true\n"
+                          for m in metrics)
+    (folder / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{query}}\"\n"
+        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{gold}}\"\n"
+        f"metric_list:\n{metric_list}")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    tokenizer = _tokenizer()
+    base = save_model(root / "base", vocab_size=len(tokenizer), intermediate_size=2112,
+                      num_hidden_layers=2, max_position_embeddings=64)
+    tokenizer.save_pretrained(base)
+    finetuned = fine_tune_of(base, root / "ft", seed=1, scale=0.05)
+    tokenizer.save_pretrained(finetuned)
+    other = fine_tune_of(base, root / "ft2", seed=2)
+    tasks = root / "tasks"
+    tasks.mkdir()
+    write_task(tasks, "sw_task")
+    write_task(tasks, "sw_general")
+    write_task(tasks, "sw_general2", count=12)
+    return root
+
+
+def write_recipe(root: Path, name: str = "recipe.yml", dtype: str = "float32", **extra) -> Path:
+    recipe = {
+        "merge_method": "fapm",
+        "base_model": str(root / "base"),
+        "models": [{"model": str(root / "ft"), "parameters": {
+            # a per-module override: the swept value must replace only the catch-all
+            "sparsity": [{"filter": "mlp", "value": 0.5}, {"value": 0.9}]}}],
+        "dtype": dtype,
+    }
+    recipe.update(extra)
+    path = root / name
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def sweep(root: Path, *args, recipe=None, out="out", check=True):
+    from fapm_merge.cli import main
+
+    arguments = ["sweep", str(recipe or write_recipe(root)), str(root / out),
+                 "--task-tasks", "sw_task", "--general-tasks", "sw_general,sw_general2",
+                 "--include-path", str(root / "tasks"), "--quiet", *map(str, args)]
+    result = CliRunner().invoke(main, arguments, catch_exceptions=False)
+    if check:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.view({torch.float32: torch.int32, torch.bfloat16: torch.int16}[tensor.dtype])
+
+
+# ----------------------------------------------------------------------------- bit identity
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_every_variant_is_bit_identical_to_mergekit(work, tmp_path, dtype):
+    """Each swept point (and the DARE / WiSE baselines) built in memory equals, bit for bit,
+    what mergekit writes for the same recipe, including the live model's other tensors."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+    from transformers import AutoModelForCausalLM
+
+    from fapm_merge.sweep.engine import InMemorySweep, output_dtype, plan
+    from fapm_merge.sweep.variants import (build_variants, dump_recipe, load_sweep_recipe,
+                                           variant_recipe)
+
+    recipe = load_sweep_recipe(str(write_recipe(work, f"recipe-{dtype}.yml", dtype=dtype)))
+    dtype_ = output_dtype(recipe)
+    assert dtype_ == getattr(torch, dtype)
+    live = AutoModelForCausalLM.from_pretrained(recipe.base, dtype=dtype_)
+    engine = InMemorySweep(recipe, live)
+    # 0 and 1 are the kernel's special cases; 0.9 / 0.99 take FAPM's fused path on the
+    # tensors above 65,536 elements, 0.5 its general path
+    variants = build_variants(recipe, [0.0, 0.5, 0.9, 0.99, 1.0], ["fapm", "magnitude"],
+                              wise=[0.25], dare_seeds=[0])
+    variants = [v for v in variants if v.kind != "dare" or v.sparsity == 0.9]
+    if dtype == "bfloat16":  # magnitude's path is the general one, covered in float32
+        variants = [v for v in variants if v.score != "magnitude"]
+    engine.prepare(variants)
+    assert engine.level_bytes > 0  # the fast path is in use
+    checked = 0
+    for variant in variants:
+        engine.build(variant)
+        config = variant_recipe(recipe, variant)
+        if config is None:
+            continue
+        if variant.kind == "sweep":  # the override stayed, the default took the swept value
+            resolved = {p.name: p.task.input_parameters[engine.ft_ref]["sparsity"]
+                        for p in plan(config)}
+            assert all(v == 0.5 for k, v in resolved.items() if "mlp" in k)
+            assert all(v == variant.sparsity for k, v in resolved.items() if "mlp" not in k)
+        written = tmp_path / variant.name
+        run_merge(MergeConfiguration.model_validate(config), str(written),
+                  options=MergeOptions(quiet=True, write_model_card=False),
+                  config_source=dump_recipe(config))
+        expected = load_state(written)
+        ours = engine.state_dict()
+        assert set(ours) == set(expected)
+        for name, tensor in expected.items():
+            assert tensor.dtype == ours[name].dtype, name
+            assert torch.equal(_bits(tensor), _bits(ours[name])), f"{variant.name}: {name}"
+        reloaded = AutoModelForCausalLM.from_pretrained(written, dtype=dtype_).state_dict()
+        for name, tensor in live.state_dict().items():
+            assert torch.equal(tensor, reloaded[name]), f"{variant.name}: {name}"
+        checked += 1
+    assert checked == len([v for v in variants if v.kind != "reference"])
+
+
+def test_recommended_recipe_matches_the_mergekit_yaml_command(work, tmp_path):
+    """The in-memory variant equals what the real `mergekit-yaml` command writes."""
+    from transformers import AutoModelForCausalLM
+
+    from fapm_merge.sweep.engine import InMemorySweep
+    from fapm_merge.sweep.variants import (Variant, dump_recipe, load_sweep_recipe,
+                                           variant_recipe)
+
+    recipe = load_sweep_recipe(str(write_recipe(work, "recipe-cli.yml", dtype="bfloat16")))
+    variant = Variant("sweep", score="fapm", sparsity=0.95)
+    engine = InMemorySweep(recipe, AutoModelForCausalLM.from_pretrained(
+        recipe.base, dtype=torch.bfloat16))
+    engine.prepare([variant])
+    engine.build(variant)
+    path = tmp_path / "variant.yml"
+    path.write_text(dump_recipe(variant_recipe(recipe, variant)))
+    run_tool("mergekit-yaml", path, tmp_path / "out", "--no-write-model-card")
+    expected, ours = load_state(tmp_path / "out"), engine.state_dict()
+    assert set(expected) == set(ours)
+    assert all(torch.equal(_bits(expected[n]), _bits(ours[n])) for n in expected)
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def test_sweep_writes_results_and_resumes_only_new_points(work):
+    first = sweep(work, "--sparsity", "0.9,0.5", "--score", "fapm,magnitude")
+    out = work / "out"
+    data = json.loads((out / "results.json").read_text())
+    assert data["schema"] == "fapm-merge/sweep-results/1" and data["complete"]
+    names = sorted(e["name"] for e in data["variants"].values())
+    assert names == sorted(["pretrained", "finetuned", "fapm-0.9", "fapm-0.5",
+                            "magnitude-0.9", "magnitude-0.5"])
+    for entry in data["variants"].values():
+        for task in ("sw_task", "sw_general", "sw_general2"):
+            row = entry["scores"][task]
+            assert row["metric"] == "acc_norm,none" and row["stderr"] is not None
+            assert row["n"] == (12 if task == "sw_general2" else 24)
+        figures = entry["figures"]
+        assert {"task", "retention", "forgetting", "forgetting_stderr"} <= set(figures)
+    pre = next(e for e in data["variants"].values() if e["name"] == "pretrained")
+    ft = next(e for e in data["variants"].values() if e["name"] == "finetuned")
+    assert pre["figures"]["forgetting"] == 0 and ft["figures"]["retention"] == 1
+    assert data["command"][:4] == ["fapm-merge", "sweep", str(work / "recipe.yml"), str(out)]
+    assert "--sparsity" in data["command"] and "0.9,0.5" in data["command"]
+    assert data["versions"]["mergekit"] == "0.1.5"
+    for plot in ("tradeoff-fapm.png", "tradeoff-magnitude.png", "pareto.png"):
+        assert (out / plot).stat().st_size > 0
+    report = (out / "results.md").read_text()
+    assert "fapm-0.5" in report and "Rule:" in report
+    recommendation = data["recommendation"]
+    if recommendation["chosen"]:
+        chosen = next(e for e in data["variants"].values()
+                      if e["name"] == recommendation["chosen"])
+        assert chosen["figures"]["retention"] >= 0.95
+        written = yaml.safe_load((out / "recommended.yml").read_text())
+        assert written == chosen["recipe"]
+    else:
+        assert not (out / "recommended.yml").exists() and "nothing is recommended" in report
+
+    again = sweep(work, "--sparsity", "0.9,0.5,0.99", "--score", "fapm,magnitude")
+    assert "2 of 8 variant(s) to score" in again.output
+    data2 = json.loads((out / "results.json").read_text())
+    for key, entry in data["variants"].items():  # earlier scores kept as they were
+        assert data2["variants"][key]["scores"] == entry["scores"]
+    assert "1 of" not in first.output
+
+
+def test_low_memory_mode_gives_the_same_scores(work):
+    """Writing each variant through mergekit and loading it fresh in lm-eval (what a user
+    does today by hand) scores exactly what the in-memory sweep scores."""
+    args = ["--sparsity", "0.9,0.5", "--score", "fapm", "--wise", "0.5", "--dare-seeds", "1"]
+    sweep(work, *args, out="mem")
+    sweep(work, *args, "--low-memory", out="disk")
+    mem = json.loads((work / "mem" / "results.json").read_text())
+    disk = json.loads((work / "disk" / "results.json").read_text())
+    assert mem["mode"] == "in-memory" and disk["mode"] == "low-memory"
+    assert set(mem["variants"]) == set(disk["variants"])  # same resume keys
+    for key, entry in mem["variants"].items():
+        assert disk["variants"][key]["scores"] == entry["scores"], entry["name"]
+    assert not [p for p in (work / "disk").iterdir() if p.name.startswith(".sweep-variant")]
+
+
+def test_interrupt_loses_at_most_the_variant_in_flight(work, monkeypatch):
+    from fapm_merge.sweep import evaluate as ev
+
+    real, calls = ev.evaluate, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "evaluate", interrupted)
+    stopped = sweep(work, "--sparsity", "0.9,0.5", out="interrupted", check=False)
+    assert stopped.exit_code != 0 and "Aborted" in stopped.output  # click's Ctrl-C exit
+    data = json.loads((work / "interrupted" / "results.json").read_text())
+    assert not data["complete"] and len(data["variants"]) == 2
+    monkeypatch.setattr(ev, "evaluate", real)
+    resumed = sweep(work, "--sparsity", "0.9,0.5", out="interrupted")
+    assert "2 of 4 variant(s) to score" in resumed.output
+    assert json.loads((work / "interrupted" / "results.json").read_text())["complete"]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Fail the test if the sweep gets as far as reading a model's tensors."""
+    from fapm_merge.sweep import engine
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(engine, "output_dtype", refuse)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--sparsity", "0.5,1.5"], "--sparsity: 1.5 is outside [0, 1]"),
+    (["--sparsity", "0.9", "--score", "magnitud"], "unknown score 'magnitud'"),
+])
+def test_bad_options_are_named(work, no_model_loads, args, expected):
+    result = sweep(work, *args, check=False)
+    assert result.exit_code != 0 and expected in result.output
+
+
+def test_unknown_task_says_did_you_mean(work, no_model_loads):
+    from fapm_merge.cli import main
+
+    result = CliRunner().invoke(main, [
+        "sweep", str(write_recipe(work)), str(work / "bad"), "--sparsity", "0.9",
+        "--task-tasks", "sw_tsak", "--general-tasks", "sw_general",
+        "--include-path", str(work / "tasks")])
+    assert result.exit_code != 0
+    assert "unknown lm-eval task 'sw_tsak'" in result.output and "sw_task" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_metric_the_task_does_not_report(work, no_model_loads):
+    from fapm_merge.cli import main
+
+    result = CliRunner().invoke(main, [
+        "sweep", str(write_recipe(work)), str(work / "bad"), "--sparsity", "0.9",
+        "--task-tasks", "sw_task:exact_match", "--general-tasks", "sw_general",
+        "--include-path", str(work / "tasks")])
+    assert result.exit_code != 0
+    assert "task 'sw_task' has no metric 'exact_match'" in result.output
+    assert "acc,none" in result.output
+
+
+def test_task_that_returns_no_value_is_named():
+    from fapm_merge.sweep.evaluate import TaskSpec, score_results
+    from fapm_merge.sweep.variants import SweepInputError
+
+    with pytest.raises(SweepInputError, match="task 'x' returned no value for metric"):
+        score_results({"results": {"x": {"alias": "x"}}}, [TaskSpec("x", "acc,none")])
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"merge_method": "ties"}, "merge_method is 'ties'; the sweep supports `merge_method: fapm`"),
+    ("two", "merges 2 fine-tunes into the base; the sweep supports exactly one"),
+])
+def test_unsupported_recipes_say_what_is_supported(work, no_model_loads, change, expected):
+    recipe = yaml.safe_load(write_recipe(work).read_text())
+    if change == "two":
+        recipe["models"].append({"model": str(work / "ft2")})
+    else:
+        recipe.update(change)
+        recipe["models"][0]["parameters"] = {"density": 0.1}
+    path = work / "unsupported.yml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = sweep(work, "--sparsity", "0.9", recipe=path, out="bad", check=False)
+    assert result.exit_code != 0 and expected in result.output, result.output
+
+
+def test_out_with_another_recipe_is_refused_unless_forced(work, no_model_loads, monkeypatch):
+    out = work / "taken"
+    out.mkdir(exist_ok=True)
+    (out / "results.json").write_text(json.dumps(
+        {"recipe": {"digest": "0" * 64, "path": "other.yml"}, "models": {}, "variants": {}}))
+    result = sweep(work, "--sparsity", "0.9", out="taken", check=False)
+    assert result.exit_code != 0
+    assert "holds results of a different recipe" in result.output and "--force" in result.output
+    # with --force the sweep goes on (to the first model load, refused by the fixture)
+    with pytest.raises(AssertionError, match="a model was loaded"):
+        sweep(work, "--sparsity", "0.9", "--force", out="taken")
+
+
+# ----------------------------------------------------------------------------- the rule
+
+
+def _row(name, sparsity, retention, forgetting, se=0.01):
+    return {"name": name, "variant": {"kind": "sweep", "score": "fapm", "sparsity": sparsity},
+            "figures": {"retention": retention, "forgetting": forgetting,
+                        "forgetting_stderr": se, "retention_stderr": se}}
+
+
+def test_rule_least_forgetting_among_retaining_ties_to_lower_sparsity():
+    from fapm_merge.sweep.results import recommend
+
+    rows = [_row("a", 0.99, 0.80, 0.00), _row("b", 0.9, 0.96, 0.05),
+            _row("c", 0.5, 0.99, 0.05), _row("d", 0.8, 0.97, 0.10)]
+    choice = recommend(rows, 0.95)
+    assert choice["chosen"]["name"] == "c"  # b and c tie on forgetting: the lower sparsity
+    assert choice["runner_up"]["name"] == "b" and choice["within_noise"] is True
+    assert recommend(rows, 0.999)["chosen"] is None
+    assert "no sweep point keeps" in recommend(rows, 0.999)["why"]
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+
+def test_benchmark_quick_mode_runs(tmp_path):
+    """Smoke test of benchmarks/bench_sweep.py (tiny model; no timing asserted)."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_sweep.py"
+    done = subprocess.run([sys.executable, str(script), "--quick", "--cache", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "scores identical: True" in done.stdout
