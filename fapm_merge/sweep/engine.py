@@ -36,7 +36,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 from fapm_merge.sweep.variants import SweepInputError, SweepRecipe, Variant, variant_recipe
 
 LOG = logging.getLogger(__name__)
-_UNKEPT = 255  # level of an element kept at none of the sparsities asked for
+_MAX_LEVELS = 254  # sparsities per sweep: a level (one uint8 per element) counts them
 _FAST_SCORES = ("fapm", "magnitude", "relative")
 
 
@@ -75,9 +75,14 @@ def plan(config: dict, options=None) -> List[PlannedTensor]:
             for t in tasks if isinstance(t, SaveTensor)]
 
 
-def load_inputs(task) -> Dict[Any, Any]:
-    """The inputs of one merge task, loaded exactly as mergekit's ``GatherTensors`` does."""
-    from mergekit.io.tasks import GatherTensors
+def load_inputs(task, release: bool = False) -> Dict[Any, Any]:
+    """The inputs of one merge task, loaded exactly as mergekit's ``GatherTensors`` does.
+
+    ``release``: close mergekit's open shards afterwards. Its loader keeps the current
+    safetensors shard of every model memory-mapped, and the pages read through a mapping
+    count in the process's resident memory; a sweep holds its models for minutes.
+    """
+    from mergekit.io.tasks import GatherTensors, LoaderCache
 
     gather = task.gather_tensors
     if not isinstance(gather, GatherTensors):
@@ -85,7 +90,11 @@ def load_inputs(task) -> Dict[Any, Any]:
             f"tensor {task.output_weight.name}: the recipe realigns vocabularies "
             "(`tokenizer:`), which the in-memory sweep does not support; run with --low-memory")
     loaded = {key: load.execute() for key, load in gather.arguments().items()}
-    return gather.execute(**loaded)
+    inputs = gather.execute(**loaded)
+    if release:
+        inputs = {key: value.clone() for key, value in inputs.items()}
+        LoaderCache().flush_all()
+    return inputs
 
 
 def _out_dtype(tensor, save_dtype: Optional[str]):
@@ -169,7 +178,7 @@ class InMemorySweep:
         import torch
 
         for planned in self.base_plan:
-            inputs = load_inputs(planned.task)
+            inputs = self._load(planned)
             source = inputs.get(self.base_ref if which == "pretrained" else self.ft_ref)
             if source is None:  # an optional tensor this model lacks: mergekit's own output
                 self._general(planned, inputs)
@@ -225,42 +234,37 @@ class InMemorySweep:
             if known is not None and sparsities <= set(known[1]):
                 continue
             order = sorted(sparsities | set(known[1] if known else ()), reverse=True)
-            if len(order) >= _UNKEPT:
-                raise SweepInputError(f"at most {_UNKEPT - 1} sparsities per sweep")
-            inputs = load_inputs(by_name[name].task)
+            if len(order) > _MAX_LEVELS:
+                raise SweepInputError(f"at most {_MAX_LEVELS} sparsities per sweep")
+            inputs = self._load(by_name[name])
             base, finetuned = inputs.get(self.base_ref), inputs.get(self.ft_ref)
             if (base is None or finetuned is None or not base.is_floating_point()
                     or base.shape != finetuned.shape):
                 continue  # the general path handles (or reports) these
             dtype = self._aligned_dtype(inputs)
-            base, finetuned = base.to(dtype), finetuned.to(dtype)
             with torch.no_grad():
-                scores = kernel.score_task_vector(base, finetuned, score)
+                scores = kernel.score_task_vector(base.to(dtype), finetuned.to(dtype), score)
+                del inputs, base, finetuned
                 n = scores.numel()
                 changed = n - int(torch.count_nonzero(scores == -float("inf")))
-                level = torch.full((n,), _UNKEPT, dtype=torch.uint8)
-                kept_before = torch.zeros(n, dtype=torch.bool)
-                for index, sparsity in enumerate(order):
+                # level = how many of the sparsities (highest first) do not keep the element:
+                # the kept sets of one fixed total order are nested, so an element is kept at
+                # sparsity ``order[j]`` exactly when ``level <= j``
+                level = torch.zeros(n, dtype=torch.uint8)
+                for sparsity in order:
                     # prune_mask's general path, with the scores computed once
                     k = kernel.kept_count(n, sparsity)
+                    if k == n:
+                        continue
                     if k == 0:
-                        mask = torch.zeros(n, dtype=torch.bool)
-                    elif k == n:
-                        mask = torch.ones(n, dtype=torch.bool)
-                    else:
-                        mask = kernel.keep_top_k(scores.view(-1), min(k, changed))
-                    if bool((kept_before & ~mask).any()):  # a fixed total order nests them
-                        raise RuntimeError(f"{name}: kept sets not nested in the sparsity")
-                    level[mask & ~kept_before] = index
-                    kept_before = mask
-                del scores, kept_before
+                        level += 1
+                        continue
+                    level += ~kernel.keep_top_k(scores.view(-1), min(k, changed))
+                del scores
             if known is not None:
                 self.level_bytes -= known[0].numel()
-            self.levels[(name, score)] = (level.view(base.shape), order)
+            self.levels[(name, score)] = (level, order)
             self.level_bytes += n
-            out = _out_dtype(finetuned, by_name[name].save_dtype)
-            if name not in self.finetuned:
-                self.finetuned[name] = finetuned.to(out)
             # a tensor holding levels of an older map no longer matches: rebuild it from W_pre
             if self.state[name][0] == "level" and self.state[name][1] == score:
                 self.state[name] = ("unknown",)
@@ -292,15 +296,22 @@ class InMemorySweep:
                 if state[0] != "base":
                     self._reset_to_base(planned)
                 select = level <= index
-            target = self.targets[name].data.view(-1)
-            positions = select.view(-1).nonzero().squeeze(1)
-            if positions.numel():
-                values = self.finetuned[name].view(-1)[positions]
-                target[positions.to(target.device)] = values.to(target.device)
+            if not bool(select.any()):
+                self.state[name] = ("level", score, index)
+                return
+            inputs = self._load(planned)
+            finetuned = inputs[self.ft_ref].to(self._aligned_dtype(inputs))
+            finetuned = finetuned.to(_out_dtype(finetuned, planned.save_dtype))
+            target = self.targets[name].data
+            select = select.view(target.shape).to(target.device)
+            torch.where(select, finetuned.to(target.device), target, out=target)
         self.state[name] = ("level", score, index)
 
+    def _load(self, planned: PlannedTensor) -> Dict[Any, Any]:
+        return load_inputs(planned.task, release=True)
+
     def _reset_to_base(self, planned: PlannedTensor) -> None:
-        inputs = load_inputs(planned.task)
+        inputs = self._load(planned)
         base = inputs[self.base_ref]
         base = base.to(self._aligned_dtype(inputs))
         self._write(planned.name, base.to(_out_dtype(base, planned.save_dtype)))
@@ -310,7 +321,7 @@ class InMemorySweep:
         import torch
         from mergekit.common import dtype_from_name
 
-        inputs = load_inputs(planned.task) if inputs is None else inputs
+        inputs = self._load(planned) if inputs is None else inputs
         with torch.no_grad():
             result = planned.task.execute(tensors=inputs)
             if result is None:
@@ -331,7 +342,7 @@ def output_dtype(recipe: SweepRecipe):
     from mergekit.common import dtype_from_name
 
     for planned in plan(recipe.source):
-        inputs = load_inputs(planned.task)
+        inputs = load_inputs(planned.task, release=True)
         if not all(t.is_floating_point() for t in inputs.values()):
             continue
         if planned.save_dtype:
