@@ -1,7 +1,7 @@
 """The forgetting study's pipeline, end to end, in quick mode (tiny local model, no download).
 
-This checks the plumbing (prepare -> fine-tune -> mergekit-yaml recipes -> lm-eval -> report,
-and resuming), not the numbers: the full study's results live in docs/study/.
+This checks the plumbing (prepare -> fine-tune -> variants built and scored by the sweep's
+engine -> report, and resuming), not the numbers: the full study's results live in docs/study/.
 """
 
 from __future__ import annotations
@@ -19,20 +19,35 @@ from fapm_merge.study.variants import (
     TRAINED,
     Variant,
     finetune_name,
-    recipe,
+    pair_recipe,
     sweep,
+    sweep_variant,
     training_sweep,
 )
+from fapm_merge.sweep.variants import SweepRecipe, variant_recipe
+
+
+def recipe(variant, base, ft):
+    """The study variant's recipe, as the sweep builds it from the study's pair recipe."""
+    source = pair_recipe(base, ft)
+    pair = SweepRecipe(path="", text="", source=source, base=source["base_model"],
+                       finetuned=source["models"][0]["model"])
+    return variant_recipe(pair, sweep_variant(variant))
 
 
 def test_recipes_differ_from_fapm_by_one_or_two_words(tmp_path):
     base, ft = tmp_path / "base", tmp_path / "ft"
     fapm = recipe(Variant("fapm", 0.9), base, ft)
-    assert fapm["merge_method"] == "fapm" and fapm["parameters"] == {"score": "fapm"}
-    assert fapm["models"][0]["parameters"] == {"sparsity": 0.9}
-    assert recipe(Variant("magnitude", 0.9), base, ft)["parameters"] == {"score": "magnitude"}
+    assert fapm["merge_method"] == "fapm" and fapm["dtype"] == "float32"
+    assert fapm["parameters"] == {"score": "fapm", "sparsity": 0.9}
+    assert recipe(Variant("magnitude", 0.9), base, ft)["parameters"] == {
+        "score": "magnitude", "sparsity": 0.9}
+    assert recipe(Variant("sam_fapm", 0.5, seed=1), base, ft)["parameters"] == {
+        "score": "fapm", "sparsity": 0.5}
+    assert recipe(Variant("sam", 0.05, seed=1), base, ft) is None  # the fine-tune itself
     dare = recipe(Variant("dare", 0.5, seed=2), base, ft)
-    assert dare["parameters"] == {"score": "random", "rescale": "density", "seed": 2}
+    assert dare["parameters"] == {"score": "random", "sparsity": 0.5, "rescale": "density",
+                                  "seed": 2}
     wise = recipe(Variant("wise", 0.25), base, ft)
     assert wise["merge_method"] == "linear"
     assert [m["parameters"]["weight"] for m in wise["models"]] == [0.75, 0.25]
@@ -128,14 +143,19 @@ def test_quick_study_end_to_end_and_resume(tmp_path):
     trained = training_sweep(quick_config().training_methods)
     assert {row["method"] for row in data["rows"]} == {v.method for v in planned + trained}
     assert [r["n"] for r in data["rows"] if r["method"] == "dare"] == [2]  # seeds aggregated
-    for variant in planned:
-        folder = tmp_path / "work" / "variants" / variant.name
-        written = yaml.safe_load((folder / "recipe.yml").read_text())
-        assert written == recipe(variant, data_model(tmp_path), tmp_path / "work/models/full_sft")
-        assert (report / "recipes" / f"{variant.name}.yml").is_file()
-        assert not (folder / "model").exists()  # merged weights are dropped after scoring
-        scores = json.loads((folder / "scores.json").read_text())
+    sweep_data = json.loads((tmp_path / "work/posthoc/results.json").read_text())
+    swept = {sweep_data["variants"][k]["name"]: sweep_data["variants"][k]
+             for k in sweep_data["current"]}
+    assert set(swept) == {v.name for v in planned} | {"pretrained", "finetuned"}
+    for variant in planned:  # one `fapm-merge sweep` run built and scored these
+        assert swept[variant.name]["recipe"] == recipe(
+            variant, data_model(tmp_path), tmp_path / "work/models/full_sft")
+        written = yaml.safe_load((report / "recipes" / f"{variant.name}.yml").read_text())
+        assert written["merge_method"] == swept[variant.name]["recipe"]["merge_method"]
+        scores = data["raw_scores"][variant.name]
         assert set(scores["general"]) == {"knowledge", "arithmetic", "code", "commonsense"}
+        assert scores["task"] == swept[variant.name]["scores"]["study_qasc"]["value"]
+    assert (tmp_path / "work/posthoc/pareto.png").is_file()
     assert data["references"]["pretrained"]["forgetting"] == 0.0
     rows = {(r["method"], r["knob"]): r for r in data["rows"]}
     compared = [k for (m, k) in rows if m == "fapm" and ("magnitude", k) in rows]
@@ -176,14 +196,16 @@ def test_quick_study_end_to_end_and_resume(tmp_path):
     assert "Training-time methods" in markdown
     assert "Best here" in markdown or "no comparison is made" in markdown
 
-    # Resuming: every stage is reused, nothing is rewritten.
+    # Resuming: every stage is reused, nothing is rewritten, the sweep scores nothing new.
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "work").rglob("stage.json")}
     run_study(quick=True, threads=1, **paths)
     after = {p: p.stat().st_mtime_ns for p in (tmp_path / "work").rglob("stage.json")}
-    # tasks, main full SFT, two references, 3 x seeds - 1 more fine-tunes, every variant but
+    # tasks, main full SFT, 3 x seeds - 1 more fine-tunes, every training-time variant but
     # the two reused ones (the quick model itself lives in the cache)
     assert before == after
-    assert len(before) == 1 + 1 + 2 + (3 * len(seeds) - 1) + len(planned) + len(trained) - 2
+    assert len(before) == 1 + 1 + (3 * len(seeds) - 1) + len(trained) - 2
+    again = json.loads((tmp_path / "work/posthoc/results.json").read_text())
+    assert again["variants"] == json.loads(json.dumps(sweep_data["variants"]))
 
 
 def data_model(tmp_path):

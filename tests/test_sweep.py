@@ -85,11 +85,12 @@ def write_recipe(root: Path, name: str = "recipe.yml", dtype: str = "float32", *
     return path
 
 
-def sweep(root: Path, *args, recipe=None, out="out", check=True):
+def sweep(root: Path, *args, recipe=None, out="out", check=True, extra=None):
     from fapm_merge.cli import main
 
+    tasks = extra or ["--general-tasks", "sw_general,sw_general2"]
     arguments = ["sweep", str(recipe or write_recipe(root)), str(root / out),
-                 "--task-tasks", "sw_task", "--general-tasks", "sw_general,sw_general2",
+                 "--task-tasks", "sw_task", *tasks,
                  "--include-path", str(root / "tasks"), "--quiet", *map(str, args)]
     result = CliRunner().invoke(main, arguments, catch_exceptions=False)
     if check:
@@ -106,7 +107,7 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_every_variant_is_bit_identical_to_mergekit(work, tmp_path, dtype):
-    """Each swept point (and the DARE / WiSE baselines) built in memory equals, bit for bit,
+    """Each swept point (and the DARE / WiSE / LiNeS baselines) built in memory equals, bit for bit,
     what mergekit writes for the same recipe, including the live model's other tensors."""
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
@@ -125,8 +126,9 @@ def test_every_variant_is_bit_identical_to_mergekit(work, tmp_path, dtype):
     # 0 and 1 are the kernel's special cases; 0.9 / 0.99 take FAPM's fused path on the
     # tensors above 65,536 elements, 0.5 its general path
     variants = build_variants(recipe, [0.0, 0.5, 0.9, 0.99, 1.0], ["fapm", "magnitude"],
-                              wise=[0.25], dare_seeds=[0])
+                              wise=[0.25], dare_seeds=[0], lines=[0.25])
     variants = [v for v in variants if v.kind != "dare" or v.sparsity == 0.9]
+    assert [v.name for v in variants if v.kind == "lines"] == ["lines-0.25"]
     if dtype == "bfloat16":  # magnitude's path is the general one, covered in float32
         variants = [v for v in variants if v.score != "magnitude"]
     engine.prepare(variants)
@@ -202,6 +204,7 @@ def test_sweep_writes_results_and_resumes_only_new_points(work):
     pre = next(e for e in data["variants"].values() if e["name"] == "pretrained")
     ft = next(e for e in data["variants"].values() if e["name"] == "finetuned")
     assert pre["figures"]["forgetting"] == 0 and ft["figures"]["retention"] == 1
+    assert pre["figures"]["forgetting_stderr"] == 0 and ft["figures"]["retention_stderr"] == 0
     assert data["command"][:4] == ["fapm-merge", "sweep", str(work / "recipe.yml"), str(out)]
     assert "--sparsity" in data["command"] and "0.9,0.5" in data["command"]
     assert data["versions"]["mergekit"] == "0.1.5"
@@ -225,6 +228,24 @@ def test_sweep_writes_results_and_resumes_only_new_points(work):
     for key, entry in data["variants"].items():  # earlier scores kept as they were
         assert data2["variants"][key]["scores"] == entry["scores"]
     assert "1 of" not in first.output
+
+
+def test_extra_tasks_are_scored_but_not_in_the_figures(work):
+    sweep(work, "--sparsity", "0.9", "--lines", "0.5", out="extra",
+          extra=["--general-tasks", "sw_general", "--extra-tasks", "sw_general2:acc"])
+    data = json.loads((work / "extra" / "results.json").read_text())
+    assert data["tasks"]["extra"] == [{"task": "sw_general2", "metric": "acc,none"}]
+    assert [data["variants"][k]["name"] for k in data["current"]] == [
+        "pretrained", "finetuned", "fapm-0.9", "lines-0.5"]
+    for entry in data["variants"].values():
+        assert entry["scores"]["sw_general2"]["n"] == 12
+        # the general average is sw_general's alone
+        assert entry["figures"]["general"] == entry["scores"]["sw_general"]["value"]
+    lines = next(e for e in data["variants"].values() if e["name"] == "lines-0.5")
+    assert lines["recipe"]["merge_method"] == "task_arithmetic"
+    assert lines["recipe"]["models"][0]["parameters"]["weight"] == [0.5, 1.0]
+    report = (work / "extra" / "results.md").read_text()
+    assert "| sw_general2 |" in report and "Also scored" in report
 
 
 def test_low_memory_mode_gives_the_same_scores(work):

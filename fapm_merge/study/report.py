@@ -19,6 +19,7 @@ from typing import Dict, List
 
 from fapm_merge.study.prepare import GENERAL
 from fapm_merge.study.variants import METHODS, Variant
+from fapm_merge.sweep.variants import dump_recipe
 
 SKILLS = list(GENERAL)
 # the forgetting measure the training-time comparison picks its best combination by
@@ -419,7 +420,10 @@ def _portable_recipe(text: str) -> str:
     return _RECIPE_HEADER + text
 
 
-def write_report(results, planned, meta, out_dir: Path, work_dir: Path, train_summary) -> dict:
+def write_report(results, planned, meta, out_dir: Path, recipes: Dict[str, dict],
+                 train_summary) -> dict:
+    """Write results.json, results.md, the figures and ``recipes/<variant>.yml`` (``recipes``:
+    each merged variant's mergekit recipe by name); returns the report's data."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarise(results, planned)
@@ -435,14 +439,14 @@ def write_report(results, planned, meta, out_dir: Path, work_dir: Path, train_su
     (out_dir / "results.json").write_text(json.dumps(data, indent=1) + "\n")
     plot_tradeoffs(summary, out_dir / "tradeoff.png")
     plot_pareto(summary, out_dir / "pareto.png")
-    recipes = out_dir / "recipes"
-    if recipes.exists():
-        shutil.rmtree(recipes)
-    recipes.mkdir()
+    recipes_dir = out_dir / "recipes"
+    if recipes_dir.exists():
+        shutil.rmtree(recipes_dir)
+    recipes_dir.mkdir()
     for v in planned:
-        source = Path(work_dir) / "variants" / v.name / "recipe.yml"
-        if source.is_file():
-            (recipes / f"{v.name}.yml").write_text(_portable_recipe(source.read_text()))
+        if recipes.get(v.name) is not None:
+            (recipes_dir / f"{v.name}.yml").write_text(
+                _portable_recipe(dump_recipe(recipes[v.name])))
 
     refs = summary["references"]
     timings = meta["timings"]

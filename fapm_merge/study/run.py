@@ -9,10 +9,11 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Dict, List, Optional
 
 from fapm_merge.study import stages
 from fapm_merge.study.config import StudyConfig, full_config, quick_config
+from fapm_merge.sweep.variants import dump_recipe
 
 DEFAULT_CACHE = Path(os.environ.get("FAPM_STUDY_CACHE", Path.home() / ".cache/fapm-merge/study"))
 
@@ -46,25 +47,49 @@ def _machine() -> dict:
     }
 
 
-def _evaluate_stage(name, folder, digest, make_model, task_dir, config, log, timings):
-    """Evaluate one model (building it first if needed); reuse finished results."""
-    from fapm_merge.study.evaluate import evaluate_model, save_scores
+def _evaluate_stage(name, folder, digest, score, recipe, timings):
+    """Score one training-time model (``score()`` -> build s, eval s, scores) unless a finished
+    result with the same digest exists; the recipe (None for a fine-tune itself) is written
+    beside it."""
+    from fapm_merge.study.evaluate import save_scores
 
     scores_path = folder / "scores.json"
     if stages.is_done(folder, digest):
-        return json.loads(scores_path.read_text()), True
+        return json.loads(scores_path.read_text())
     stages.begin(folder)
-    started = time.time()
-    model_dir, temporary = make_model(folder)
-    built = time.time()
-    scores = evaluate_model(model_dir, task_dir, config.eval_batch_size)
-    if temporary:  # merged models are rebuilt from their recipe on demand; keep disk small
-        shutil.rmtree(model_dir)
+    if recipe is not None:
+        (folder / "recipe.yml").write_text(dump_recipe(recipe))
+    built, scored, scores = score()
     save_scores(scores, scores_path)
-    timing = {"merge_s": round(built - started, 1), "eval_s": round(time.time() - built, 1)}
+    timing = {"merge_s": round(built, 1), "eval_s": round(scored, 1)}
     stages.finish(folder, digest, variant=name, **timing)
     timings[name] = timing
-    return scores, False
+    return scores
+
+
+def _main_sweep(config, prepared, finetuned, work_dir, timings):
+    """The main fine-tune's references and post-hoc variants: one ``fapm-merge sweep`` run
+    (resumable through its results.json). Returns (scores by study name, recipes by name)."""
+    from fapm_merge.study import variants
+    from fapm_merge.study.evaluate import study_scores, sweep_options, write_pair_recipe
+    from fapm_merge.sweep.run import run_sweep
+
+    sweeps = config.sweeps
+    recipe_path = write_pair_recipe(variants.pair_recipe(prepared["model"], finetuned),
+                                    work_dir / "posthoc.yml")
+    options = sweep_options(recipe_path, work_dir / "posthoc", prepared["tasks"],
+                            config.eval_batch_size, sparsities=sweeps.sparsities,
+                            scores=sweeps.pruning_methods, wise=sweeps.wise_alphas,
+                            dare_seeds=sweeps.dare_seeds, lines=sweeps.lines_lows)
+    data = run_sweep(options)
+    results, recipes = {}, {}
+    for key in data["current"]:
+        entry = data["variants"][key]
+        name = {"finetuned": "full_sft"}.get(entry["name"], entry["name"])
+        results[name] = study_scores(entry["scores"])
+        recipes[name] = entry["recipe"]
+        timings[name] = {"merge_s": round(entry["build_s"], 1), "eval_s": round(entry["eval_s"], 1)}
+    return results, recipes
 
 
 def choose_threads(requested: Optional[int] = None) -> int:
@@ -118,11 +143,10 @@ def run_study(
     work_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     timings: dict = {}
-    log_path = work_dir / "mergekit.log"
 
     threads = choose_threads(threads)
     torch.set_num_threads(threads)
-    os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by the mergekit-yaml runs
+    os.environ["OMP_NUM_THREADS"] = str(threads)
     print(f"[study] {mode} run, {threads} thread(s); work dir {work_dir}, report to {out_dir}",
           flush=True)
     prepared = prepare(config, cache_dir, work_dir)
@@ -140,43 +164,25 @@ def run_study(
         stages.finish(finetuned, ft_hash)
     timings["finetune_s"] = train_summary["wall_s"]
 
-    eval_hash = stages.config_hash(prepared["hash"], config.eval_batch_size)
-    results = {}
-    # digest -> variant name: a later variant identical to one already scored (full SFT at the
-    # main seed, FAPM on it) is not evaluated twice
-    scored = {}
-    references = {"pretrained": prepared["model"], "full_sft": finetuned}
+    # The main fine-tune: both references and every post-hoc variant, by `fapm-merge sweep`.
     planned = variants.sweep(config.sweeps)
-    with open(log_path, "a") as log, tqdm(
-        total=len(references) + len(planned), desc="variants", unit="model", dynamic_ncols=True
-    ) as bar:
-        for name, model_dir in references.items():
-            bar.set_postfix_str(name)
-            digest = stages.config_hash(eval_hash, ft_hash if name == "full_sft" else "")
-            scored[digest] = name
-            results[name], _ = _evaluate_stage(
-                name, work_dir / "variants" / name, digest,
-                lambda folder, m=model_dir: (m, False), prepared["tasks"], config, log, timings,
-            )
-            bar.update()
-        for variant in planned:
-            bar.set_postfix_str(variant.name)
-            recipe = variants.recipe(variant, prepared["model"], finetuned)
-            digest = stages.config_hash(eval_hash, ft_hash, recipe)
-            scored[digest] = variant.name
-            results[variant.name], _ = _evaluate_stage(
-                variant.name, work_dir / "variants" / variant.name, digest,
-                lambda folder, v=variant: (
-                    variants.build(v, prepared["model"], finetuned, folder, log), True),
-                prepared["tasks"], config, log, timings,
-            )
-            bar.update()
+    results, recipes = _main_sweep(config, prepared, finetuned, work_dir, timings)
+    missing = [v.name for v in planned if v.name not in results]
+    if missing:
+        raise RuntimeError(f"the sweep did not score {', '.join(missing)}")
+    eval_hash = stages.config_hash(prepared["hash"], config.eval_batch_size)
+    # digest -> variant name: a training-time variant identical to one already scored (full
+    # SFT at the main seed, FAPM on it) is not evaluated twice
+    scored = {stages.config_hash(eval_hash, ft_hash, recipes.get(name)): name
+              for name in results if name != "pretrained"}
 
     # Training-time anti-forgetting methods: their own fine-tunes (same data and budget),
     # evaluated alone and with FAPM, every one (full SFT included) at each training seed.
     from dataclasses import replace
 
     from fapm_merge.study import antiforgetting  # noqa: F401  (registers the strategies)
+    from fapm_merge.study.evaluate import FineTuneScorer, write_pair_recipe
+    from fapm_merge.sweep.variants import load_sweep_recipe, variant_recipe
 
     methods = config.training_methods
     options_of = {
@@ -211,38 +217,52 @@ def run_study(
         return name
 
     extra = variants.training_sweep(methods)
-    with open(log_path, "a") as log, tqdm(
-        total=len(extra), desc="training-time variants", unit="model", dynamic_ncols=True
-    ) as bar:
-        for variant in extra:
-            bar.set_postfix_str(variant.name)
-            source = trained(variants.TRAINED[variant.method], variant.seed)
-            ft_dir = trained_dirs[source]
-            if variant.method in variants.FINETUNES:  # the fine-tune itself
-                digest = stages.config_hash(eval_hash, trained_hashes[source])
-
-                def make(folder, m=ft_dir):
-                    return m, False
-            else:
-                recipe = variants.recipe(variant, prepared["model"], ft_dir)
+    by_source: Dict[tuple, List] = {}  # (method's fine-tune, seed) -> its variants, in order
+    for variant in extra:
+        by_source.setdefault((variants.TRAINED[variant.method], variant.seed), []).append(variant)
+    with tqdm(total=len(extra), desc="training-time variants", unit="model",
+              dynamic_ncols=True) as bar:
+        for (source_method, seed), group in by_source.items():
+            source = trained(source_method, seed)
+            recipe_path = write_pair_recipe(
+                variants.pair_recipe(prepared["model"], trained_dirs[source]),
+                work_dir / "recipes" / f"{source}.yml")
+            pair = load_sweep_recipe(str(recipe_path))
+            todo = []
+            for variant in group:
+                sweep_variant = variants.sweep_variant(variant)
+                recipe = variant_recipe(pair, sweep_variant)
                 digest = stages.config_hash(eval_hash, trained_hashes[source], recipe)
-
-                def make(folder, v=variant, d=ft_dir, lg=log):
-                    return variants.build(v, prepared["model"], d, folder, lg), True
-            if digest in scored:
-                results[variant.name] = results[scored[digest]]
-                timings[variant.name] = {"merge_s": 0.0, "eval_s": 0.0,
-                                         "same_as": scored[digest]}
-            else:
-                results[variant.name], _ = _evaluate_stage(
-                    variant.name, work_dir / "variants" / variant.name, digest, make,
-                    prepared["tasks"], config, log, timings,
-                )
-            bar.update()
+                recipes[variant.name] = recipe
+                if digest in scored:
+                    results[variant.name] = results[scored[digest]]
+                    timings[variant.name] = {"merge_s": 0.0, "eval_s": 0.0,
+                                             "same_as": scored[digest]}
+                    bar.update()
+                else:
+                    todo.append((variant, sweep_variant, digest))
+            scorer = None
+            try:
+                for variant, sweep_variant, digest in todo:
+                    bar.set_postfix_str(variant.name)
+                    folder = work_dir / "variants" / variant.name
+                    if scorer is None and not stages.is_done(folder, digest):
+                        scorer = FineTuneScorer(recipe_path, prepared["tasks"],
+                                                config.eval_batch_size,
+                                                [v for _, v, _ in todo])
+                    results[variant.name] = _evaluate_stage(
+                        variant.name, folder, digest,
+                        lambda v=sweep_variant: scorer.score(v),
+                        recipes[variant.name], timings)
+                    scored[digest] = variant.name
+                    bar.update()
+            finally:
+                if scorer is not None:
+                    scorer.close()
     planned = planned + extra
 
     # timings of stages reused from an earlier run come from their stamps
-    for name in list(references) + [v.name for v in planned]:
+    for name in [v.name for v in planned]:
         if name not in timings:
             stamp = stages.read_stamp(work_dir / "variants" / name)
             timings[name] = {k: stamp.get(k) for k in ("merge_s", "eval_s")}
@@ -261,7 +281,7 @@ def run_study(
         },
         "timings": timings,
     }
-    data = report.write_report(results, planned, meta, out_dir, work_dir, train_summary)
+    data = report.write_report(results, planned, meta, out_dir, recipes, train_summary)
     print(f"[study] done in {timings['total_s_this_invocation']:.0f} s; report in {out_dir}",
           flush=True)
     return data

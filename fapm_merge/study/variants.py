@@ -1,23 +1,18 @@
-"""Stage 3, post-hoc variants: every method is one mergekit recipe, run by ``mergekit-yaml``.
+"""Stage 3, post-hoc variants: the study's names for them, and how ``fapm-merge sweep`` builds each.
 
-All recipes come from one template (:func:`recipe`): the pruning methods differ from FAPM by
-one word (``score``) or two (``rescale``), WiSE-FT is mergekit's ``linear`` and the LiNeS-style
-scaling is mergekit's ``task_arithmetic`` with a layer gradient on ``weight``. The recipe is
-written next to each variant's outputs, so every number in the study can be rebuilt by hand
-with ``mergekit-yaml recipe.yml OUT``.
+Every merged variant is a variant of ``fapm-merge sweep`` on the study's recipe of its
+fine-tune (:func:`pair_recipe`): the pruning methods are sweep points (``score``), DARE, WiSE-FT
+(mergekit ``linear``) and the LiNeS-style scaling (mergekit ``task_arithmetic`` with a layer
+gradient on ``weight``) are the sweep's baselines. So the study and the product build and
+score variants by one code path, and every number can be rebuilt by hand with
+``mergekit-yaml recipe.yml OUT`` (docs/study/recipes/).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
-
-import yaml
 
 # method -> (pretty name, knob name, colour) for tables and plots
 METHODS = {
@@ -90,54 +85,30 @@ def sweep(sweeps) -> List[Variant]:
     return variants
 
 
-def recipe(variant: Variant, base: Path, finetuned: Path) -> dict:
-    """The mergekit recipe of one variant (the single template every method is made from)."""
-    base, finetuned = str(Path(base).resolve()), str(Path(finetuned).resolve())
-    config = {"base_model": base, "dtype": "float32"}
-    if variant.method in ("fapm", "magnitude", "relative", "dare", "sft_fapm", "sam_fapm",
-                          "reg_fapm"):
-        config["merge_method"] = "fapm"
-        config["models"] = [{"model": finetuned, "parameters": {"sparsity": variant.knob}}]
-        if variant.method == "dare":
-            config["parameters"] = {"score": "random", "rescale": "density",
-                                    "seed": variant.seed}
-        else:
-            trained_then_pruned = variant.method.endswith("_fapm")
-            config["parameters"] = {"score": "fapm" if trained_then_pruned else variant.method}
-    elif variant.method == "wise":
-        config["merge_method"] = "linear"
-        config["models"] = [
-            {"model": base, "parameters": {"weight": round(1.0 - variant.knob, 6)}},
-            {"model": finetuned, "parameters": {"weight": variant.knob}},
-        ]
-    elif variant.method == "lines":
-        # weight of the change rises linearly from `knob` at the first layer to 1 at the last;
-        # tensors outside the layers (embeddings, final norm) take the first value (t = 0).
-        config["merge_method"] = "task_arithmetic"
-        config["models"] = [{"model": finetuned, "parameters": {"weight": [variant.knob, 1.0]}}]
-    else:
-        raise ValueError(f"unknown method {variant.method!r}")
-    return config
+def sweep_variant(variant: Variant):
+    """The sweep's variant (:class:`fapm_merge.sweep.variants.Variant`) that builds this
+    study variant from its fine-tune: a fine-tune itself is the sweep's ``finetuned``
+    reference; every merge is a sweep point or one of the sweep's baselines."""
+    from fapm_merge.sweep.variants import Variant as SweepVariant
+
+    method = variant.method
+    if method in FINETUNES:
+        return SweepVariant("reference", reference="finetuned")
+    if method in ("fapm", "magnitude", "relative") or method.endswith("_fapm"):
+        score = "fapm" if method.endswith("_fapm") else method
+        return SweepVariant("sweep", score=score, sparsity=variant.knob)
+    if method == "dare":
+        return SweepVariant("dare", sparsity=variant.knob, seed=variant.seed)
+    if method == "wise":
+        return SweepVariant("wise", alpha=variant.knob)
+    if method == "lines":
+        return SweepVariant("lines", first_layer=variant.knob)
+    raise ValueError(f"unknown method {method!r}")
 
 
-def mergekit_yaml() -> str:
-    """The ``mergekit-yaml`` script of this interpreter's environment."""
-    local = Path(sys.executable).with_name("mergekit-yaml")
-    return str(local) if local.exists() else (shutil.which("mergekit-yaml") or "mergekit-yaml")
-
-
-def build(variant: Variant, base: Path, finetuned: Path, folder: Path, log) -> Path:
-    """Write ``recipe.yml`` into ``folder`` and run the real ``mergekit-yaml`` on it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    recipe_path = folder / "recipe.yml"
-    recipe_path.write_text(yaml.safe_dump(recipe(variant, base, finetuned), sort_keys=False))
-    model_dir = folder / "model"
-    if model_dir.exists():
-        shutil.rmtree(model_dir)
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    command = [mergekit_yaml(), str(recipe_path), str(model_dir), "--no-write-model-card",
-               "--copy-tokenizer", "--quiet"]
-    done = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
-        raise RuntimeError(f"mergekit-yaml failed for {variant.name} (see {log.name})")
-    return model_dir
+def pair_recipe(base: Path, finetuned: Path) -> dict:
+    """The study's recipe of one fine-tune: FAPM on (base, fine-tune) in float32. Every merged
+    variant is this recipe with the sweep's changes (:func:`fapm_merge.sweep.variants.variant_recipe`)."""
+    return {"merge_method": "fapm", "base_model": str(Path(base).resolve()),
+            "models": [{"model": str(Path(finetuned).resolve())}],
+            "parameters": {"score": "fapm"}, "dtype": "float32"}

@@ -36,12 +36,18 @@ def _command_line() -> list:
               help="lm-eval task(s) the fine-tune was trained for: TASK[:METRIC[,FILTER]],...")
 @click.option("--general-tasks", required=True,
               help="lm-eval task(s) of what the pre-trained model could do (forgetting).")
+@click.option("--extra-tasks", default="",
+              help="lm-eval task(s) scored and reported beside the others but not in the "
+                   "figures of merit (e.g. a perplexity): TASK[:METRIC[,FILTER]],...")
 @click.option("--include-path", type=click.Path(file_okay=False), default=None,
               help="Folder of local lm-eval task YAMLs.")
 @click.option("--limit", type=float, default=None,
               help="Items per task (lm-eval's --limit; < 1 is a fraction).")
 @click.option("--num-fewshot", type=int, default=None, help="lm-eval's --num_fewshot.")
 @click.option("--wise", default="", help="WiSE-FT baselines: fine-tune weights, e.g. 0.25,0.5.")
+@click.option("--lines", default="",
+              help="LiNeS-style baselines (task_arithmetic, the change scaled from this weight "
+                   "at the first layer to 1 at the last), e.g. 0,0.25,0.5.")
 @click.option("--dare-seeds", default="",
               help="DARE baselines (score random, rescale density) at every --sparsity, one "
                    "per seed, e.g. 0,1,2.")
@@ -66,8 +72,8 @@ def _command_line() -> list:
 @click.option("--force", is_flag=True,
               help="Discard results in OUT_DIR that come from a different recipe or models.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def sweep_command(recipe, out_dir, sparsity, score, task_tasks, general_tasks, include_path,
-                  limit, num_fewshot, wise, dare_seeds, min_retention, device, batch_size,
+def sweep_command(recipe, out_dir, sparsity, score, task_tasks, general_tasks, extra_tasks,
+                  include_path, limit, num_fewshot, wise, lines, dare_seeds, min_retention, device, batch_size,
                   model_args, low_memory, backend, tokenizer, bootstrap_iters, force, quiet):
     """Score FAPM variants of RECIPE (base + one fine-tune) on your lm-eval tasks.
 
@@ -96,9 +102,11 @@ def sweep_command(recipe, out_dir, sparsity, score, task_tasks, general_tasks, i
             scores=[s.strip() for s in score.split(",") if s.strip()] if score else None,
             task_tasks=parse_tasks(task_tasks, "--task-tasks"),
             general_tasks=parse_tasks(general_tasks, "--general-tasks"),
+            extra_tasks=parse_tasks(extra_tasks, "--extra-tasks"),
             include_path=include_path,
             limit=int(limit) if limit is not None and limit >= 1 else limit,
             num_fewshot=num_fewshot, wise=parse_fractions(wise, "--wise"), dare_seeds=seeds,
+            lines=parse_fractions(lines, "--lines"),
             min_retention=min_retention, device=device, batch_size=batch_size,
             model_args=model_args, low_memory=low_memory, backend=backend, force=force,
             bootstrap_iters=bootstrap_iters, tokenizer=tokenizer, command=_command_line(),

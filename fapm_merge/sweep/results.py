@@ -91,6 +91,12 @@ def figures(entry: dict, references: dict, task_names: List[str],
         ratio, ratio_se = _ratio(out["general"], out["general_stderr"], pre_general, pre_se)
         out["forgetting"] = None if ratio is None else 1.0 - ratio
         out["forgetting_stderr"] = ratio_se
+    # a reference against itself is exact: 1.0 and 0.0 by definition, not estimates
+    reference = entry.get("variant", {}).get("reference")
+    if reference == "finetuned" and out.get("retention") is not None:
+        out["retention_stderr"] = 0.0
+    if reference == "pretrained" and out.get("forgetting") is not None:
+        out["forgetting_stderr"] = 0.0
     return out
 
 
@@ -151,15 +157,23 @@ def report_markdown(data: dict, rows: List[dict], choice: dict) -> str:
              "General: " + (", ".join(f"`{t['task']}` ({t['metric']})"
                                       for t in data["tasks"]["general"]) or "none"),
              f"Items per task: limit {data['evaluation']['limit']}; ± is one standard error "
-             "(lm-eval's, propagated).", "",
-             "| variant | task score | retention | general avg | forgetting |",
-             "|---|---|---|---|---|"]
+             "(lm-eval's, propagated)."]
+    extras = data["tasks"].get("extra", [])
+    if extras:
+        lines.append("Also scored (not in the figures of merit): " + ", ".join(
+            f"`{t['task']}` ({t['metric']})" for t in extras))
+    lines += ["", "| variant | task score | retention | general avg | forgetting |"
+              + "".join(f" {t['task']} |" for t in extras),
+              "|---|---|---|---|---|" + "---|" * len(extras)]
     for row in rows:
         f = row["figures"]
+        cells = [_fmt(row["scores"][t["task"]]["value"], row["scores"][t["task"]]["stderr"],
+                      percent=False) for t in extras]
         lines.append(f"| {row['name']} | {_fmt(f['task'], f['task_stderr'])} | "
                      f"{_fmt(f.get('retention'), f.get('retention_stderr'))} | "
                      f"{_fmt(f.get('general'), f.get('general_stderr'))} | "
-                     f"{_fmt(f.get('forgetting'), f.get('forgetting_stderr'))} |")
+                     f"{_fmt(f.get('forgetting'), f.get('forgetting_stderr'))} |"
+                     + "".join(f" {c} |" for c in cells))
     lines += ["", "## Recommendation", "", f"Rule: {choice['rule']}.", ""]
     chosen = choice["chosen"]
     if chosen is None:

@@ -40,12 +40,14 @@ class SweepOptions:
     sparsities: List[float]
     task_tasks: List[ev.TaskSpec]
     general_tasks: List[ev.TaskSpec]
+    extra_tasks: List[ev.TaskSpec] = field(default_factory=list)
     scores: Optional[List[str]] = None
     include_path: Optional[str] = None
     limit: Optional[float] = None
     num_fewshot: Optional[int] = None
     wise: List[float] = field(default_factory=list)
     dare_seeds: List[int] = field(default_factory=list)
+    lines: List[float] = field(default_factory=list)
     min_retention: float = 0.95
     device: str = "cpu"
     batch_size: str = "8"
@@ -84,10 +86,15 @@ def check_options(options: SweepOptions) -> None:
     if not options.general_tasks:
         raise SweepInputError("--general-tasks: name the lm-eval task(s) that measure what "
                               "the pre-trained model could do (forgetting is measured on them)")
-    overlap = {t.task for t in options.task_tasks} & {t.task for t in options.general_tasks}
-    if overlap:
-        raise SweepInputError(f"task {sorted(overlap)[0]!r} is in both --task-tasks and "
-                              "--general-tasks; put it in one")
+    seen: Dict[str, str] = {}
+    for option, specs in (("--task-tasks", options.task_tasks),
+                          ("--general-tasks", options.general_tasks),
+                          ("--extra-tasks", options.extra_tasks)):
+        for spec in specs:
+            if spec.task in seen and seen[spec.task] != option:
+                raise SweepInputError(f"task {spec.task!r} is in both {seen[spec.task]} and "
+                                      f"{option}; put it in one")
+            seen[spec.task] = option
     if not 0 < options.min_retention <= 2:
         raise SweepInputError("--min-retention: a fraction, e.g. 0.95")
     if options.backend != "hf" and not options.low_memory:
@@ -131,11 +138,12 @@ def run_sweep(options: SweepOptions, echo=print) -> dict:
     results_path = os.path.join(options.out_dir, "results.json")
     previous = _load_previous(results_path, recipe.digest, models, options.force)
 
-    manager = ev.task_manager(options.include_path,
-                              [t.task for t in options.task_tasks + options.general_tasks])
+    manager = ev.task_manager(options.include_path, [
+        t.task for t in options.task_tasks + options.general_tasks + options.extra_tasks])
     task_specs = ev.resolve_metrics(manager, options.task_tasks)
     general_specs = ev.resolve_metrics(manager, options.general_tasks)
-    specs = task_specs + general_specs
+    extra_specs = ev.resolve_metrics(manager, options.extra_tasks)
+    specs = task_specs + general_specs + extra_specs
 
     from fapm_merge.sweep.engine import output_dtype
 
@@ -148,7 +156,7 @@ def run_sweep(options: SweepOptions, echo=print) -> dict:
         "model_args": options.model_args, "bootstrap_iters": options.bootstrap_iters,
     }
     variants = build_variants(recipe, options.sparsities, scores, options.wise,
-                              options.dare_seeds)
+                              options.dare_seeds, options.lines)
     keyed = []
     for variant in variants:
         config = variant_recipe(recipe, variant)
@@ -163,9 +171,11 @@ def run_sweep(options: SweepOptions, echo=print) -> dict:
         "recipe": {"path": options.recipe, "digest": recipe.digest, "source": recipe.source},
         "models": models,
         "tasks": {"task": [{"task": s.task, "metric": s.metric} for s in task_specs],
-                  "general": [{"task": s.task, "metric": s.metric} for s in general_specs]},
+                  "general": [{"task": s.task, "metric": s.metric} for s in general_specs],
+                  "extra": [{"task": s.task, "metric": s.metric} for s in extra_specs]},
         "evaluation": evaluation,
         "mode": "low-memory" if options.low_memory else "in-memory",
+        "current": [key for key, _, _ in keyed],
         "variants": entries,
     }
     pending = [(k, v, c) for k, v, c in keyed if k not in entries]
@@ -175,7 +185,7 @@ def run_sweep(options: SweepOptions, echo=print) -> dict:
     if pending:
         echo(f"sweep: {len(pending)} of {len(keyed)} variant(s) to score "
              f"({len(keyed) - len(pending)} already in {results_path})")
-        scorer = (_LowMemory if options.low_memory else _InMemory)(options, recipe, dtype,
+        scorer = (LowMemoryScorer if options.low_memory else InMemoryScorer)(options, recipe, dtype,
                                                                   manager, specs)
         try:
             timing["setup_s"] = scorer.setup([v for _, v, _ in pending])
@@ -246,7 +256,7 @@ def finish(data, keyed, options, results_path, task_specs, general_specs, recipe
     return data
 
 
-class _InMemory:
+class InMemoryScorer:
     """Load base, fine-tune and one live model once; build each variant in place."""
 
     def __init__(self, options: SweepOptions, recipe, dtype, manager, specs):
@@ -311,7 +321,7 @@ class _InMemory:
                 delattr(self, name)
 
 
-class _LowMemory:
+class LowMemoryScorer:
     """Write each variant with mergekit to a temporary folder, score it with any lm-eval
     backend, delete it. The references are scored from their own folders."""
 

@@ -8,7 +8,10 @@ reports can be rebuilt by hand with ``mergekit-yaml recipe.yml OUT``:
   per-layer gradients on other parameters and everything else stay as written;
 - DARE: the same with ``score: random``, ``rescale: density`` and a ``seed``;
 - WiSE-FT: mergekit's ``linear`` between the base (weight ``1 - alpha``) and the fine-tune
-  (weight ``alpha``), as in the study;
+  (weight ``alpha``);
+- LiNeS-style: mergekit's ``task_arithmetic`` with a layer gradient on the fine-tune's
+  ``weight``, from ``first_layer`` at the first layer to 1 at the last (tensors outside the
+  layers, embeddings and final norm, take the gradient's first value);
 - the two references, ``pretrained`` and ``finetuned``: the models themselves (no recipe).
 
 "Default" means the value mergekit falls back to for a tensor that no ``filter:`` entry
@@ -25,7 +28,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
@@ -44,9 +47,10 @@ class Variant:
     """One model the sweep scores.
 
     ``kind``: ``reference`` (``pretrained`` / ``finetuned``), ``sweep`` (a ``(score,
-    sparsity)`` point of the user's recipe), ``dare`` or ``wise`` (baselines).
+    sparsity)`` point of the user's recipe), ``dare``, ``wise`` or ``lines`` (baselines).
     ``sparsity`` is the swept default (tensors with a ``filter:`` override keep theirs);
-    ``alpha`` WiSE-FT's weight of the fine-tune; ``seed`` DARE's drop seed.
+    ``alpha`` WiSE-FT's weight of the fine-tune; ``seed`` DARE's drop seed;
+    ``first_layer`` the LiNeS-style weight of the first layer's change (the last layer's is 1).
     """
 
     kind: str
@@ -55,6 +59,7 @@ class Variant:
     alpha: Optional[float] = None
     seed: Optional[int] = None
     reference: Optional[str] = None
+    first_layer: Optional[float] = None
 
     @property
     def name(self) -> str:
@@ -64,6 +69,8 @@ class Variant:
             return f"{self.score}-{self.sparsity:g}"
         if self.kind == "dare":
             return f"dare-{self.sparsity:g}-seed{self.seed}"
+        if self.kind == "lines":
+            return f"lines-{self.first_layer:g}"
         return f"wise-{self.alpha:g}"
 
     @property
@@ -227,15 +234,16 @@ def variant_recipe(recipe: SweepRecipe, variant: Variant) -> Optional[dict]:
     """The mergekit recipe of one variant (None for the two references)."""
     if variant.kind == "reference":
         return None
-    if variant.kind == "wise":
-        config: Dict[str, Any] = {
-            "merge_method": "linear",
-            "base_model": recipe.base,
-            "models": [
+    if variant.kind in ("wise", "lines"):
+        if variant.kind == "wise":
+            config: Dict[str, Any] = {"merge_method": "linear", "base_model": recipe.base,
+                                      "models": [
                 {"model": recipe.base, "parameters": {"weight": round(1.0 - variant.alpha, 6)}},
-                {"model": recipe.finetuned, "parameters": {"weight": variant.alpha}},
-            ],
-        }
+                {"model": recipe.finetuned, "parameters": {"weight": variant.alpha}}]}
+        else:
+            config = {"merge_method": "task_arithmetic", "base_model": recipe.base,
+                      "models": [{"model": recipe.finetuned,
+                                  "parameters": {"weight": [variant.first_layer, 1.0]}}]}
         for key in ("dtype", "out_dtype", "tokenizer", "tokenizer_source"):
             if recipe.source.get(key) is not None:
                 config[key] = copy.deepcopy(recipe.source[key])
@@ -274,7 +282,8 @@ def parse_fractions(text: str, option: str, low: float = 0.0, high: float = 1.0)
 
 
 def build_variants(recipe: SweepRecipe, sparsities: List[float], scores: List[str],
-                   wise: List[float], dare_seeds: List[int]) -> List[Variant]:
+                   wise: List[float], dare_seeds: List[int],
+                   lines: Sequence[float] = ()) -> List[Variant]:
     """Every variant of a sweep in the order it is run: the references first, then each
     score from the highest sparsity down (each step keeps a superset of the last), then the
     baselines."""
@@ -286,6 +295,7 @@ def build_variants(recipe: SweepRecipe, sparsities: List[float], scores: List[st
     for seed in dare_seeds:
         variants += [Variant("dare", sparsity=s, seed=seed) for s in order]
     variants += [Variant("wise", alpha=a) for a in wise]
+    variants += [Variant("lines", first_layer=w) for w in lines]
     return variants
 
 
