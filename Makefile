@@ -19,14 +19,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e .
 	touch $(STAMP)
 
-# the test extra (pytest, lm-eval) on top; the demo needs none of it
+# the test extra (pytest, lm-eval, peft) on top
 $(TEST_STAMP): $(STAMP)
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(TEST_STAMP)
 
+# the sweep extra (lm-eval): the demo ends with a sweep
+SWEEP_STAMP := $(VENV)/.installed-sweep
+$(SWEEP_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[sweep]'
+	touch $(SWEEP_STAMP)
+
 setup: $(STAMP)
 
-demo: setup
+demo: $(SWEEP_STAMP)
 	$(BIN)/fapm-merge demo out/demo
 
 test: $(TEST_STAMP)
