@@ -14,8 +14,6 @@ so unchanged elements stay unchanged); means are accumulated in float64.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 import zlib
 from fractions import Fraction
@@ -160,40 +158,17 @@ def _buffer(scratch: dict, key: str, size: int, dtype: torch.dtype, device) -> t
     return buffer[:size]
 
 
-@contextlib.contextmanager
-def _one_cpu_thread(device: torch.device):
-    """Run torch on one thread for a while (CPU only; restored afterwards).
-
-    The chunked passes are many small cache-resident ops, and every op is a barrier between
-    torch's intra-op threads. Measured on a shared 2-core machine, one 5632 x 2048 tensor took
-    0.12 s on one thread and 0.3-7 s on two (threads waiting for each other under load).
-    """
-    threads = torch.get_num_threads() if device.type == "cpu" else 1
-    if threads > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if threads > 1:
-            torch.set_num_threads(threads)
-
-
 def _for_slices(n: int, step: int, device: torch.device, work: Callable[[int, int, dict], Any]):
-    """``[work(start, stop, scratch) for every slice of range(n)]``, one ``scratch`` for all."""
-    with _one_cpu_thread(device):
-        scratch: dict = {}
-        return [work(start, min(n, start + step), scratch) for start in range(0, n, step)]
+    """``[work(start, stop, scratch) for every slice of range(n)]``, one ``scratch`` for all.
 
-
-def _on_one_cpu_thread(function):
-    """Decorator: :func:`_one_cpu_thread` around a function whose first argument is a tensor."""
-
-    @functools.wraps(function)
-    def wrapper(tensor: torch.Tensor, *args, **kwargs):
-        with _one_cpu_thread(tensor.device):
-            return function(tensor, *args, **kwargs)
-
-    return wrapper
+    Runs at torch's current thread count, which is the user's (mergekit's ``--num-threads``)
+    or torch's default: the kernel never changes it (process-global state, and mergekit may
+    run tasks from several threads). The passes are many small ops, each a barrier between
+    intra-op threads, so on a busy machine ``--num-threads 1`` is much faster
+    (docs/benchmarks.md, "Threads").
+    """
+    scratch: dict = {}
+    return [work(start, min(n, start + step), scratch) for start in range(0, n, step)]
 
 
 def _mean_abs_value(flat: torch.Tensor) -> float:
@@ -269,7 +244,6 @@ def _check_finite(largest_changes: Sequence[torch.Tensor]) -> None:
         raise NonFiniteWeightsError(_NON_FINITE_CHANGE)
 
 
-@_on_one_cpu_thread
 def forgetting_score(base: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
     """FAPM score ``S = |dW| - mean(|W_pre|) * |dW| / |W_pre|`` (paper, Algorithm 1).
 
@@ -526,7 +500,6 @@ def _keep_top_k_exact(flat: torch.Tensor, k: int) -> torch.Tensor:
     return keep
 
 
-@_on_one_cpu_thread
 def keep_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the ``k`` largest entries of ``scores``, exactly ``k`` of them.
 
@@ -564,7 +537,6 @@ def keep_top_fraction(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     return keep_top_k(scores, kept_count(scores.numel(), sparsity))
 
 
-@_on_one_cpu_thread
 def _fapm_top_k(
     base: torch.Tensor, finetuned: torch.Tensor, k: int, out: Optional[torch.Tensor] = None
 ) -> Optional[torch.Tensor]:

@@ -84,3 +84,15 @@ def test_cuda_flag_fails_clearly_without_a_gpu(tmp_path):
         done = _run(script, "--quick", "--device", "cuda", "--out", str(tmp_path), tmp_path=tmp_path)
         assert done.returncode == 2
         assert "needs a CUDA build of torch" in done.stderr
+
+
+def test_threads_quick_prints_every_method_at_every_thread_count():
+    done = subprocess.run([sys.executable, str(BENCH / "bench_threads.py"), "--quick",
+                           "--threads", "1,2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| 512 x 1024")]
+    assert [row.split(" | ")[1] for row in rows] == [
+        "task_arithmetic", "ties (magnitude 0.1)", "fapm 0.9"]
+    for row in rows:
+        cells = row.strip("| ").split(" | ")[2:4]
+        assert all(float(cell) >= 0 for cell in cells)

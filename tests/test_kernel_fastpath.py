@@ -90,9 +90,42 @@ def test_keep_top_k_chunked_with_infinities():
         assert torch.equal(kernel.keep_top_k(scores, k), stable_mask(scores, k))
 
 
-def test_torch_threads_are_restored():
+def test_the_kernel_runs_at_the_users_thread_count(tmp_path, monkeypatch):
+    """mergekit's --num-threads reaches the kernel's passes, and the kernel itself never
+    changes torch's (process-global) thread count."""
+    import yaml
+    from click.testing import CliRunner
+    from mergekit.scripts.run_yaml import main as mergekit_yaml
+
+    import fapm_merge
+    from conftest import fine_tune_of, save_model
+
+    seen = []
+    passes = kernel._for_slices
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return passes(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "_for_slices", spy)
     threads = torch.get_num_threads()
     base, ft = pair((600, 500), torch.bfloat16, seed=2)
     kernel.fapm_prune(base, ft, 0.9)
     kernel.forgetting_score(base, ft)
-    assert torch.get_num_threads() == threads
+    assert seen and set(seen) == {threads} and torch.get_num_threads() == threads
+
+    fapm_merge.register()
+    base_dir = save_model(tmp_path / "base", intermediate_size=2112)  # fused-path tensors
+    ft_dir = fine_tune_of(base_dir, tmp_path / "ft", seed=1)
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "fapm", "base_model": str(base_dir),
+                                      "models": [{"model": str(ft_dir)}]}))
+    wanted = 1 if threads > 1 else 2
+    seen.clear()
+    try:
+        done = CliRunner().invoke(mergekit_yaml, [str(recipe), str(tmp_path / "out"),
+                                                  "--num-threads", str(wanted), "--quiet"])
+        assert done.exit_code == 0, done.output
+        assert seen and set(seen) == {wanted}
+    finally:
+        torch.set_num_threads(threads)  # mergekit's own setting outlives its run
