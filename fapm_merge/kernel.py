@@ -680,17 +680,23 @@ def elect_signs(deltas: torch.Tensor, consensus: str = "sum") -> torch.Tensor:
 
     Returns a boolean mask, same shape, of the entries whose sign agrees with the elected one:
     the sign of the summed deltas (``sum``) or of the summed signs (``count``); a tie elects
-    ``+``. Zero entries never agree (they carry nothing to merge).
+    ``+``. Zero entries never agree (they carry nothing to merge). Temporaries are one model's
+    slice at a time (the inputs are the big tensor).
     """
-    signs = deltas.sign()
     if consensus == "sum":
         total = deltas.sum(dim=0)
     elif consensus == "count":
-        total = signs.sum(dim=0)
+        total = deltas[0].sign()
+        for delta in deltas[1:]:
+            total.add_(delta.sign())
     else:
         raise ValueError(f"unknown consensus {consensus!r}; valid: {', '.join(CONSENSUS)}")
-    elected = torch.where(total >= 0, 1.0, -1.0).to(signs.dtype)
-    return signs == elected
+    elected = torch.where(total >= 0, 1.0, -1.0).to(deltas.dtype)
+    del total
+    agree = torch.empty(deltas.shape, dtype=torch.bool, device=deltas.device)
+    for index, delta in enumerate(deltas):
+        torch.eq(delta.sign(), elected, out=agree[index])
+    return agree
 
 
 def tensor_generator(seed: int, name: str, index: int, device: torch.device) -> torch.Generator:
@@ -737,14 +743,19 @@ def merge_task_vectors(
     if single_identity:
         return _pruned(base, finetuned[0], sparsity[0], score, generators[0])
 
-    deltas = []
-    for model, s, w, g in zip(finetuned, sparsity, weight, generators):
-        mask = prune_mask(base, model, s, score, g)
-        change = model.to(torch.float32) - base.to(torch.float32)
-        factor = rescale_factor(change, mask, rescale, s) * w
-        change.mul_(mask).mul_(factor)
-        deltas.append(change)
-        del mask
+    # The masks first (the selection's temporaries are the peak), then one float32 buffer for
+    # every weighted, pruned task vector (no list of deltas, no stacked copy of them).
+    masks = [prune_mask(base, model, s, score, g)
+             for model, s, g in zip(finetuned, sparsity, generators)]
+    deltas = torch.empty((len(finetuned),) + tuple(base.shape), dtype=torch.float32,
+                         device=base.device)
+    for index, (model, s, w) in enumerate(zip(finetuned, sparsity, weight)):
+        change = deltas[index]
+        change.copy_(model).sub_(base)  # float32 arithmetic, no float32 copies of the inputs
+        factor = rescale_factor(change, masks[index], rescale, s) * w
+        change.mul_(masks[index]).mul_(factor)
+        masks[index] = None
+    del change  # a view: it would keep the whole buffer alive past `del deltas`
     weights = torch.tensor(weight, dtype=torch.float32, device=base.device)
     if consensus is None:
         merged = deltas[0]
@@ -754,16 +765,17 @@ def merge_task_vectors(
         if normalize and divisor.abs() > _TINY_DIVISOR:
             merged.div_(divisor)
     else:
-        stacked = torch.stack(deltas)
-        del deltas
-        agree = elect_signs(stacked, consensus)
-        merged = (stacked * agree).sum(dim=0)
+        agree = elect_signs(deltas, consensus)
+        for index in range(len(finetuned)):  # model by model: no float copy of `agree`
+            deltas[index].mul_(agree[index])
+        merged = deltas.sum(dim=0)
         if normalize:
+            # sum_i w_i [agree_i], reduced as torch reduces it (bit-identical), in the buffer
             shape = (-1,) + (1,) * base.dim()
-            divisor = (weights.view(shape) * agree).sum(dim=0)
+            divisor = torch.mul(agree, weights.view(shape), out=deltas).sum(dim=0)
+            del agree, deltas  # freed before the last temporaries
             divisor[divisor == 0] = 1  # mergekit's TIES guard (exact zero only)
             merged.div_(divisor)
-        del stacked, agree
     if scale != 1.0:
         merged.mul_(scale)
     return merged.add_(base).to(base.dtype)

@@ -297,3 +297,48 @@ def test_rescale_options_preserve_norms():
     out = merge_task_vectors(base, [ft], sparsity=[0.75], weight=[1.0], rescale="density")
     mask = prune_mask(base, ft, 0.75)
     torch.testing.assert_close((out - base)[mask], 4 * change[mask], rtol=1e-4, atol=1e-6)
+
+
+def _stacked_reference(base, finetuned, sparsity, weight, score, rescale, normalize, consensus,
+                       generators):
+    """The multi-model merge written plainly: a list of float32 deltas, stacked."""
+    deltas = []
+    for model, s, w, g in zip(finetuned, sparsity, weight, generators):
+        mask = kernel.prune_mask(base, model, s, score, g)
+        change = model.to(torch.float32) - base.to(torch.float32)
+        deltas.append(change * mask * (kernel.rescale_factor(change, mask, rescale, s) * w))
+    stacked = torch.stack(deltas)
+    weights = torch.tensor(weight, dtype=torch.float32)
+    if consensus is None:
+        merged = deltas[0].clone()
+        for extra in deltas[1:]:
+            merged.add_(extra)
+        if normalize and weights.sum().abs() > 1e-8:
+            merged.div_(weights.sum())
+    else:
+        signs = stacked.sign()
+        total = stacked.sum(dim=0) if consensus == "sum" else signs.sum(dim=0)
+        agree = signs == torch.where(total >= 0, 1.0, -1.0)
+        merged = (stacked * agree).sum(dim=0)
+        if normalize:
+            divisor = (weights.view(-1, *([1] * base.dim())) * agree).sum(dim=0)
+            divisor[divisor == 0] = 1
+            merged.div_(divisor)
+    return merged.add_(base).to(base.dtype)
+
+
+@pytest.mark.parametrize("models", [2, 3, 8])
+@pytest.mark.parametrize("consensus", [None, "sum", "count"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_several_fine_tunes_match_the_plain_stacked_merge_bit_for_bit(models, consensus,
+                                                                      normalize):
+    g = torch.Generator().manual_seed(models)
+    base = (torch.randn(130, 257, generator=g) * 0.02).to(torch.bfloat16)
+    finetuned = [(base.float() + torch.randn(130, 257, generator=g) * 0.003).to(torch.bfloat16)
+                 for _ in range(models)]
+    options = dict(sparsity=[0.5 + 0.05 * i for i in range(models)],
+                   weight=[0.3 + 0.37 * i for i in range(models)], score="fapm",
+                   rescale="l1", normalize=normalize, consensus=consensus)
+    ours = kernel.merge_task_vectors(base, finetuned, **options)
+    expected = _stacked_reference(base, finetuned, generators=[None] * models, **options)
+    assert torch.equal(ours, expected)
