@@ -21,10 +21,10 @@ How (and why it is exact):
 - Every other tensor (and every DARE / WiSE-FT variant) runs mergekit's task itself
   (``ExecuteMergeMethodTask.execute``) on freshly loaded inputs: exact by construction.
 
-Memory: the live ``transformers`` model (1x the model in its dtype), the fine-tune's tensors
-in the output dtype (1x) and the level maps (1 byte per element of the tensors that take the
-fast path: 0.25x a float32 model, 0.5x a bfloat16 one). Base tensors are re-read from disk
-(mergekit's lazy loader) only where a tensor must go back to ``W_pre``.
+Memory: the live ``transformers`` model (1x the model in its dtype) and the level maps (1 byte
+per element of the tensors that take the fast path: 0.25x a float32 model, 0.5x a bfloat16
+one). Base and fine-tune tensors are re-read through mergekit's loader when a variant needs them
+(one pair in flight), and its memory-mapped shards are closed after each read.
 """
 
 from __future__ import annotations
