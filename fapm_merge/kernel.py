@@ -532,11 +532,6 @@ def keep_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     return keep.view(scores.shape)
 
 
-def keep_top_fraction(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """:func:`keep_top_k` with ``k = kept_count(scores.numel(), sparsity)``."""
-    return keep_top_k(scores, kept_count(scores.numel(), sparsity))
-
-
 def _fapm_top_k(
     base: torch.Tensor, finetuned: torch.Tensor, k: int, out: Optional[torch.Tensor] = None
 ) -> Optional[torch.Tensor]:
