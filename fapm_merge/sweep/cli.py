@@ -19,6 +19,8 @@ def _command_line() -> list:
             line.append(str(value))
         elif value not in (None, False, "") and value != parameter.default:
             flag = max(parameter.opts, key=len)
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)  # --limit 200, as typed, not 200.0
             line += [flag] if parameter.is_flag else [flag, str(value)]
     return line
 
