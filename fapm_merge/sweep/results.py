@@ -156,8 +156,9 @@ def report_markdown(data: dict, rows: List[dict], choice: dict) -> str:
                                                 for t in data["tasks"]["task"]),
              "General: " + (", ".join(f"`{t['task']}` ({t['metric']})"
                                       for t in data["tasks"]["general"]) or "none"),
-             f"Items per task: limit {data['evaluation']['limit']}; ± is one standard error "
-             "(lm-eval's, propagated)."]
+             "Items per task: " + (f"at most {data['evaluation']['limit']:g}"
+                                   if data["evaluation"]["limit"] else "all")
+             + "; ± is one standard error (lm-eval's, propagated)."]
     extras = data["tasks"].get("extra", [])
     if extras:
         lines.append("Also scored (not in the figures of merit): " + ", ".join(
