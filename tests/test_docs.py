@@ -45,3 +45,14 @@ def test_committed_docs_carry_no_machine_paths():
             if re.search(r"(^|[\s\"'(])/(root|home|work|tmp)/", text, re.M):
                 offenders.append(str(path.relative_to(ROOT)))
     assert not offenders, offenders
+
+
+def test_readme_sweep_example_rows_are_the_generated_ones():
+    """The README's sweep example rows are copied from docs/sweep-example/results.md."""
+    generated = (ROOT / "docs/sweep-example/results.md").read_text().splitlines()
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("**A real example**", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    assert len(rows) > 5
+    for row in rows:
+        assert row in generated, row
