@@ -10,9 +10,10 @@ wall ratio (sweep / naive), the sweep's peak RSS over the model's size (absolute
 the RSS of a process that only imports the libraries), the share of the sweep's wall spent
 outside lm-eval, and whether every score is identical.
 
-Usage (a ~100M-parameter float32 Llama pair and a small local task, cached in ``--cache``)::
+Usage (a ~100M-parameter float32 Llama pair and a small local task, cached in ``--cache``;
+``--size 250m`` for a ~245M pair, where the libraries' own memory weighs less)::
 
-    python benchmarks/bench_sweep.py
+    python benchmarks/bench_sweep.py [--items 300] [--size 250m]
 
 Smoke test (tiny model, one point, the naive loop without its references and no import
 baseline; what tests/test_sweep.py runs)::
@@ -45,7 +46,17 @@ def tool(name: str) -> str:
     return str(path) if path.exists() else (shutil.which(name) or name)
 
 
-def build_pair(folder: Path, quick: bool, seed: int = 0) -> int:
+SHAPES = {  # Llama shapes: ~0.4M (smoke test), ~88M and ~245M parameters
+    "quick": dict(hidden_size=32, intermediate_size=2112, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=512),
+    "100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=10,
+                 num_attention_heads=12, num_key_value_heads=4, vocab_size=16384),
+    "250m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
+                 num_attention_heads=16, num_key_value_heads=4, vocab_size=32000),
+}
+
+
+def build_pair(folder: Path, quick: bool, seed: int = 0, size: str = "100m") -> int:
     """A random Llama base and a 'fine-tune' (base + a small dense change); returns the
     parameter count. Cached: rebuilt only when missing."""
     import torch
@@ -66,10 +77,7 @@ def build_pair(folder: Path, quick: bool, seed: int = 0) -> int:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|endoftext|>",
                                         eos_token="<|endoftext|>", unk_token="<|endoftext|>",
                                         pad_token="<|endoftext|>")
-    shape = (dict(hidden_size=32, intermediate_size=2112, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, vocab_size=512) if quick else
-             dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=10,
-                  num_attention_heads=12, num_key_value_heads=4, vocab_size=16384))
+    shape = SHAPES["quick" if quick else size]
     config = LlamaConfig(max_position_embeddings=128, tie_word_embeddings=False,
                          bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, **shape)
@@ -130,11 +138,14 @@ def main() -> None:
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "fapm-bench-sweep"))
     parser.add_argument("--items", type=int, default=None, help="items per task")
     parser.add_argument("--batch-size", default="16")
+    parser.add_argument("--size", choices=["100m", "250m"], default="100m",
+                        help="the pair's shape (about 88M or 245M parameters)")
     args = parser.parse_args()
     sparsities = [0.9] if args.quick else [0.5, 0.8, 0.9, 0.95, 0.99]
     items = args.items or (8 if args.quick else 100)
-    cache = Path(args.cache) / ("quick" if args.quick else "full")
-    params = build_pair(cache / "models", args.quick)
+    cache = Path(args.cache) / ("quick" if args.quick else
+                                ("full" if args.size == "100m" else args.size))
+    params = build_pair(cache / "models", args.quick, size=args.size)
     tasks = cache / "tasks"
     write_tasks(tasks, items)
     work = Path(tempfile.mkdtemp(prefix="bench-sweep-", dir=cache))

@@ -159,6 +159,9 @@ def start_slow_run(recipe: Path, out: Path) -> subprocess.Popen:
     child = subprocess.Popen(
         [sys.executable, "-c", SLOW_CHILD, "run", str(recipe), str(out), *NO_CARD],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        # a test run started in the background (no job control) inherits SIGINT ignored, and
+        # Python keeps an ignored SIGINT ignored: give the child the default a user's shell has
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 120
     while not list(out.parent.glob(f".{out.name}.partial-*/{out.name}/.written")):
