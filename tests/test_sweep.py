@@ -85,12 +85,13 @@ def write_recipe(root: Path, name: str = "recipe.yml", dtype: str = "float32", *
     return path
 
 
-def sweep(root: Path, *args, recipe=None, out="out", check=True, extra=None):
+TASKS = ("--task-tasks", "sw_task", "--general-tasks", "sw_general,sw_general2")
+
+
+def sweep(root: Path, *args, recipe=None, out="out", check=True, tasks=TASKS):
     from fapm_merge.cli import main
 
-    tasks = extra or ["--general-tasks", "sw_general,sw_general2"]
-    arguments = ["sweep", str(recipe or write_recipe(root)), str(root / out),
-                 "--task-tasks", "sw_task", *tasks,
+    arguments = ["sweep", str(recipe or write_recipe(root)), str(root / out), *tasks,
                  "--include-path", str(root / "tasks"), "--quiet", *map(str, args)]
     result = CliRunner().invoke(main, arguments, catch_exceptions=False)
     if check:
@@ -232,7 +233,8 @@ def test_sweep_writes_results_and_resumes_only_new_points(work):
 
 def test_extra_tasks_are_scored_but_not_in_the_figures(work):
     sweep(work, "--sparsity", "0.9", "--lines", "0.5", out="extra",
-          extra=["--general-tasks", "sw_general", "--extra-tasks", "sw_general2:acc"])
+          tasks=["--task-tasks", "sw_task", "--general-tasks", "sw_general",
+                 "--extra-tasks", "sw_general2:acc"])
     data = json.loads((work / "extra" / "results.json").read_text())
     assert data["tasks"]["extra"] == [{"task": "sw_general2", "metric": "acc,none"}]
     assert [data["variants"][k]["name"] for k in data["current"]] == [
@@ -309,24 +311,16 @@ def test_bad_options_are_named(work, no_model_loads, args, expected):
 
 
 def test_unknown_task_says_did_you_mean(work, no_model_loads):
-    from fapm_merge.cli import main
-
-    result = CliRunner().invoke(main, [
-        "sweep", str(write_recipe(work)), str(work / "bad"), "--sparsity", "0.9",
-        "--task-tasks", "sw_tsak", "--general-tasks", "sw_general",
-        "--include-path", str(work / "tasks")])
+    result = sweep(work, "--sparsity", "0.9", out="bad", check=False,
+                   tasks=["--task-tasks", "sw_tsak", "--general-tasks", "sw_general"])
     assert result.exit_code != 0
     assert "unknown lm-eval task 'sw_tsak'" in result.output and "sw_task" in result.output
     assert "Traceback" not in result.output
 
 
 def test_metric_the_task_does_not_report(work, no_model_loads):
-    from fapm_merge.cli import main
-
-    result = CliRunner().invoke(main, [
-        "sweep", str(write_recipe(work)), str(work / "bad"), "--sparsity", "0.9",
-        "--task-tasks", "sw_task:exact_match", "--general-tasks", "sw_general",
-        "--include-path", str(work / "tasks")])
+    result = sweep(work, "--sparsity", "0.9", out="bad", check=False,
+                   tasks=["--task-tasks", "sw_task:exact_match", "--general-tasks", "sw_general"])
     assert result.exit_code != 0
     assert "task 'sw_task' has no metric 'exact_match'" in result.output
     assert "acc,none" in result.output
