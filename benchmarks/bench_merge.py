@@ -24,6 +24,20 @@ Smoke test (tiny model, one round; results go to a scratch folder, the docs are 
 GPU (merge arithmetic on the accelerator; fails with a clear message without CUDA)::
 
     python benchmarks/bench_merge.py --device cuda --out docs/benchmarks/cuda
+
+Scaling (one round per point unless ``--rounds``; tables, growth fits and a plot go to
+docs/benchmarks/ and docs/benchmarks.md):
+
+    # Llama-3-8B-shaped slices of 1, 2 and 4 layers: growth per layer, fit at 32 layers
+    python benchmarks/bench_merge.py --shape llama3-8b --layers 1,2,4
+    # 1, 2, 4 and 8 fine-tunes of the 1-layer slice: growth per added fine-tune
+    python benchmarks/bench_merge.py --shape llama3-8b --fine-tunes 1,2,4,8
+    # the full 32-layer pair (2 x 16 GB of inputs, 16 GB written per merge), deleted after
+    python benchmarks/bench_merge.py --shape llama3-8b --layers 32 \
+        --methods task_arithmetic fapm --delete-after
+    # the same slices and fine-tune counts on a GPU, in one command
+    python benchmarks/bench_merge.py --shape llama3-8b --layers 1,2 --fine-tunes 1,2,4,8 \
+        --device cuda --out docs/benchmarks/cuda
 """
 
 from __future__ import annotations
@@ -117,6 +131,11 @@ class ModelShape:
 # TinyLlama-1.1B's shape (Llama architecture, GQA): 1.1B parameters, 2.2 GB per model in bf16.
 FULL = ModelShape(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000)
 QUICK = ModelShape(hidden=256, intermediate=704, layers=2, heads=4, kv_heads=2, vocab=2048)
+# Llama-3-8B's shape: 128k-row untied embeddings (2.1 GB of bf16 each), 14336-wide MLPs;
+# one layer is 218M parameters (0.44 GB), 32 layers make 8.0B.
+LLAMA3_8B = ModelShape(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8,
+                       vocab=128256)
+SHAPES = {"tinyllama": FULL, "llama3-8b": LLAMA3_8B}
 
 # Recipes of the compared methods; {base} and {ft} are absolute model paths.
 METHODS: Dict[str, str] = {
@@ -126,21 +145,30 @@ METHODS: Dict[str, str] = {
     "breadcrumbs": "parameters: {{weight: 1.0, density: 0.1, gamma: 0.01}}",
     "della": "parameters: {{weight: 1.0, density: 0.1, epsilon: 0.05}}",
     "fapm": "parameters: {{sparsity: 0.9}}",
+    "fapm_ties": "parameters: {{sparsity: 0.9, weight: 1.0}}",
 }
+# the one-pair run compares every single-fine-tune method (fapm_ties needs several)
+PAIR_METHODS = tuple(m for m in METHODS if m != "fapm_ties")
+# what the scaling runs compare (--layers: one fine-tune; --fine-tunes: several)
+LAYER_METHODS = ("task_arithmetic", "ties", "dare_ties", "fapm")
+FINE_TUNE_METHODS = ("task_arithmetic", "ties", "fapm", "fapm_ties")
+# shared parameters of the methods with several fine-tunes (TIES-style: normalized)
+SHARED = {"ties": "parameters: {normalize: true}",
+          "fapm_ties": "parameters: {consensus: sum, normalize: true}"}
 FLOOR = "io_floor"
 REFERENCE = "task_arithmetic"
 SPARSIFIERS = ("ties", "dare_ties", "breadcrumbs", "della")
 
 
-def recipe(method: str, base: Path, ft: Path) -> str:
-    """The mergekit YAML of one method on the pair (one fine-tune, explicit base)."""
+def recipe(method: str, base: Path, ft) -> str:
+    """The mergekit YAML of one method: an explicit base and one fine-tune (a path) or
+    several (a list of paths), each with the method's parameters."""
     params = METHODS[method].format()
-    return (
-        f"merge_method: {method}\n"
-        f"base_model: {base}\n"
-        f"models:\n  - model: {ft}\n    {params}\n"
-        "dtype: bfloat16\n"
-    )
+    fine_tunes = ft if isinstance(ft, (list, tuple)) else [ft]
+    models = "".join(f"  - model: {path}\n    {params}\n" for path in fine_tunes)
+    shared = SHARED.get(method, "")
+    return (f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}"
+            + (f"{shared}\n" if shared else "") + "dtype: bfloat16\n")
 
 
 # ----------------------------------------------------------------------------- model generation
@@ -156,13 +184,15 @@ def _weight_scale(name: str, shape: Tuple[int, ...], layers: int) -> float:
     return 0.02
 
 
-def _make_pair(name: str, shape: Tuple[int, ...], layers: int, gen: torch.Generator):
-    """One tensor of the base and of the fine-tune, bf16.
+def _make_models(name: str, shape: Tuple[int, ...], layers: int, gen: torch.Generator,
+                 fine_tunes: int = 1) -> List[torch.Tensor]:
+    """One tensor of the base and of each fine-tune, bf16: ``[base, ft_1, ..., ft_n]``.
 
     Base: Gaussian with a per-row scale (lognormal, sigma 0.25) so rows differ as in trained
-    weights; norms are 1 + N(0, 0.1). Fine-tune: base + a dense Gaussian delta of about 1% of
-    the row scale (a few bf16 ulps), rounded to bf16, so a share of elements is unchanged as in
-    real bf16 fine-tunes.
+    weights; norms are 1 + N(0, 0.1). Fine-tune i: base + its own dense Gaussian delta of
+    about 1% of the row scale (a few bf16 ulps), rounded to bf16, so a share of elements is
+    unchanged as in real bf16 fine-tunes. With one fine-tune the draws are those of the
+    benchmark's first version (cached pairs stay valid).
     """
     if "norm" in name:
         base = torch.empty(shape).normal_(0.0, 0.1, generator=gen).add_(1.0)
@@ -174,9 +204,11 @@ def _make_pair(name: str, shape: Tuple[int, ...], layers: int, gen: torch.Genera
         delta_scale = rows.mul_(0.01)
     base16 = base.to(torch.bfloat16)
     base.copy_(base16)  # exact: the fine-tune is a change of the stored bf16 weight
-    base.add_(torch.empty(shape).normal_(generator=gen).mul_(delta_scale))
-    ft16 = base.to(torch.bfloat16)
-    return base16, ft16
+    out = [base16]
+    for _ in range(fine_tunes):
+        change = torch.empty(shape).normal_(generator=gen).mul_(delta_scale)
+        out.append(change.add_(base).to(torch.bfloat16))
+    return out
 
 
 def _header(tensors: Sequence[Tuple[str, Tuple[int, ...]]]) -> bytes:
@@ -192,74 +224,116 @@ def _header(tensors: Sequence[Tuple[str, Tuple[int, ...]]]) -> bytes:
     return struct.pack("<Q", len(blob)) + blob
 
 
-def _write_shard_pair(paths: Tuple[Path, Path], tensors, produce) -> None:
-    """Write the same shard of both models at once, streaming tensor by tensor.
+def _write_shards(paths: Sequence[Path], tensors, produce) -> None:
+    """Write the same shard of every model at once, streaming tensor by tensor.
 
     The header only depends on the shapes, so it is written first; ``produce(name, shape)``
-    returns (base, fine-tune) bf16 tensors, which are written and dropped right away.
+    returns one bf16 tensor per path, which are written and dropped right away.
     """
     header = _header(tensors)
-    with open(paths[0], "wb") as fb, open(paths[1], "wb") as ff:
-        fb.write(header)
-        ff.write(header)
+    handles = [open(path, "wb") for path in paths]
+    try:
+        for handle in handles:
+            handle.write(header)
         for name, shape in tensors:
-            for handle, tensor in zip((fb, ff), produce(name, shape)):
+            for handle, tensor in zip(handles, produce(name, shape)):
                 handle.write(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    finally:
+        for handle in handles:
+            handle.close()
 
 
-def _shard_plan(shape: ModelShape, shard_bytes: int) -> List[List[Tuple[str, Tuple[int, ...]]]]:
+def _shard_plan(shape: ModelShape, shard_bytes: int,
+                per_layer: bool = False) -> List[List[Tuple[str, Tuple[int, ...]]]]:
+    """Tensors grouped into shards of at most ``shard_bytes``, or (``per_layer``) one shard
+    for the embeddings, one per layer and one for the final norm and head, so that the
+    first n layers of the model are whole files (see :func:`layer_view`)."""
     shards: List[List[Tuple[str, Tuple[int, ...]]]] = [[]]
-    size = 0
+    size, group = 0, None
     for name, dims in shape.tensors():
         nbytes = math.prod(dims) * 2
-        if shards[-1] and size + nbytes > shard_bytes:
+        mine = name.split(".")[2] if name.startswith("model.layers.") else name in (
+            "model.norm.weight", "lm_head.weight")
+        if shards[-1] and (mine != group if per_layer else size + nbytes > shard_bytes):
             shards.append([])
             size = 0
+        group = mine
         shards[-1].append((name, dims))
         size += nbytes
     return shards
 
 
-def build_pair(shape: ModelShape, cache: Path, shard_bytes: int) -> Tuple[Path, Path]:
-    """Create (or reuse) base/ and ft/ under ``cache``; returns their absolute paths."""
-    key = hashlib.sha1(
-        json.dumps([asdict(shape), shard_bytes, GENERATOR_VERSION]).encode()
-    ).hexdigest()[:10]
+def _fine_tune_names(count: int) -> List[str]:
+    return ["ft"] if count == 1 else [f"ft-{i + 1}" for i in range(count)]
+
+
+def build_models(shape: ModelShape, cache: Path, shard_bytes: int, fine_tunes: int = 1,
+                 per_layer: bool = False) -> Tuple[Path, List[Path]]:
+    """Create (or reuse) base/ and ``fine_tunes`` fine-tunes under ``cache`` (ft/, or ft-1/,
+    ft-2/, ...); returns their absolute paths. Tensors are generated one at a time."""
+    settings = [asdict(shape), shard_bytes, GENERATOR_VERSION]
+    if fine_tunes != 1 or per_layer:  # the one-pair cache keeps its old name
+        settings += [fine_tunes, per_layer]
+    key = hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:10]
     root = (cache / f"llama-{shape.parameters() / 1e6:.0f}M-{key}").resolve()
-    base_dir, ft_dir = root / "base", root / "ft"
+    folders = [root / "base"] + [root / name for name in _fine_tune_names(fine_tunes)]
     if (root / "complete").exists():
-        return base_dir, ft_dir
+        return folders[0], folders[1:]
     shutil.rmtree(root, ignore_errors=True)
-    for folder in (base_dir, ft_dir):
+    for folder in folders:
         folder.mkdir(parents=True)
         (folder / "config.json").write_text(json.dumps(shape.config(), indent=2))
-    shards = _shard_plan(shape, shard_bytes)
+    shards = _shard_plan(shape, shard_bytes, per_layer)
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     gen = torch.Generator().manual_seed(1234)
-    with tqdm(total=shape.parameters(), unit="param", unit_scale=True, desc="generating pair") as bar:
+    with tqdm(total=shape.parameters(), unit="param", unit_scale=True,
+              desc=f"generating base + {fine_tunes} fine-tune(s)") as bar:
 
         def produce(name: str, dims: Tuple[int, ...]):
             bar.update(math.prod(dims))
-            return _make_pair(name, dims, shape.layers, gen)
+            return _make_models(name, dims, shape.layers, gen, fine_tunes)
 
         for shard, filename in zip(shards, names):
-            _write_shard_pair((base_dir / filename, ft_dir / filename), shard, produce)
+            _write_shards([folder / filename for folder in folders], shard, produce)
     total = shape.parameters()
     weight_map = {name: filename for shard, filename in zip(shards, names) for name, _ in shard}
     index = {"metadata": {"total_size": total * 2}, "weight_map": weight_map}
-    for folder in (base_dir, ft_dir):
+    for folder in folders:
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (root / "complete").write_text("ok\n")
-    return base_dir, ft_dir
+    return folders[0], folders[1:]
+
+
+def layer_view(model: Path, layers: int, view: Path) -> Path:
+    """The first ``layers`` layers of a per-layer-sharded ``model`` as a model folder of its
+    own: config and index rewritten, shards linked (nothing copied), so one generated set
+    serves every layer count."""
+    config = json.loads((model / "config.json").read_text())
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    kept = {name: filename for name, filename in index["weight_map"].items()
+            if not name.startswith("model.layers.") or int(name.split(".")[2]) < layers}
+    if view.exists():
+        shutil.rmtree(view)
+    view.mkdir(parents=True)
+    for filename in sorted(set(kept.values())):
+        os.symlink(model / filename, view / filename)
+    mixed = set(kept.values()) & {f for n, f in index["weight_map"].items() if n not in kept}
+    if mixed:
+        raise RuntimeError(f"{model}: shards {sorted(mixed)} mix layers; build it per_layer")
+    (view / "config.json").write_text(json.dumps(dict(config, num_hidden_layers=layers), indent=2))
+    (view / "model.safetensors.index.json").write_text(json.dumps({"weight_map": kept}))
+    return view
 
 
 # ----------------------------------------------------------------------------- I/O floor
 
-def io_floor(base: Path, ft: Path, out: Path, shard_bytes: int) -> None:
-    """Read every tensor of both models and write the output shards; no arithmetic.
-
-    The output is the fine-tune's tensors, buffered up to ``shard_bytes`` like mergekit does.
+def io_floor(base: Path, fine_tunes: Sequence[Path], out: Path, shard_bytes: int) -> None:
+    """Read every tensor of the base and of every fine-tune and write the output shards; no
+    arithmetic. The output is the last fine-tune's tensors, buffered up to ``shard_bytes``
+    like mergekit does; only the tensors the index names are read (see :func:`layer_view`).
     """
+    from contextlib import ExitStack
+
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -281,15 +355,17 @@ def io_floor(base: Path, ft: Path, out: Path, shard_bytes: int) -> None:
             buffer, buffered = {}, 0
 
     for filename in files:
-        with safe_open(str(base / filename), "pt") as fb, safe_open(str(ft / filename), "pt") as ff:
-            for name in fb.keys():
-                _ = fb.get_tensor(name)
-                tensor = ff.get_tensor(name)
+        with ExitStack() as stack:
+            handles = [stack.enter_context(safe_open(str(folder / filename), "pt"))
+                       for folder in (base, *fine_tunes)]
+            for name in (n for n, f in index.items() if f == filename):
+                tensor = None
+                for handle in handles:
+                    tensor = handle.get_tensor(name)
                 if buffered + tensor.numel() * 2 > shard_bytes:
                     flush()
                 buffer[name] = tensor
                 buffered += tensor.numel() * 2
-                del _
     flush()
     weight_map = {k: v for part in written for k, v in part.items()}
     (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
@@ -306,6 +382,8 @@ class Run:
     user_s: float
     sys_s: float
     peak_rss_bytes: int
+    read_bytes: int = 0  # from storage (page-cache misses), getrusage's ru_inblock
+    write_bytes: int = 0
 
 
 def run_child(command: List[str], log: Path) -> Tuple[float, "os.struct_rusage"]:
@@ -348,25 +426,27 @@ def check_output(out: Path) -> None:
 
 
 def run_all(
-    methods: Sequence[str], base: Path, ft: Path, rounds: int, shard_bytes: int, device: str,
-    work: Path, jobs: int = 1,
+    methods: Sequence[str], base: Path, ft, rounds: int, shard_bytes: int, device: str,
+    work: Path, jobs: int = 1, label: str = "",
 ) -> List[Run]:
     """Every method (and the floor) once per round, order rotated per round; all the runs.
 
-    ``jobs`` > 1 runs that many children at once (only for smoke tests: it spoils timings).
+    ``ft``: one fine-tune's path or a list of them. ``jobs`` > 1 runs that many children at
+    once (only for smoke tests: it spoils timings).
     """
+    fine_tunes = list(ft) if isinstance(ft, (list, tuple)) else [ft]
     for method in methods:
-        (work / f"{method}.yml").write_text(recipe(method, base, ft))
+        (work / f"{method}.yml").write_text(recipe(method, base, fine_tunes))
     entries = [FLOOR] + list(methods)
-    progress = tqdm(total=rounds * len(entries), desc="merging", unit="run")
+    progress = tqdm(total=rounds * len(entries), desc=f"merging{label}", unit="run")
 
     def one(r: int, method: str) -> Run:
         progress.set_postfix_str(f"round {r + 1}: {method}")
         out = work / f"out-{method}"
         shutil.rmtree(out, ignore_errors=True)
         if method == FLOOR:
-            command = [sys.executable, __file__, "--floor-worker", str(base), str(ft), str(out),
-                       str(shard_bytes)]
+            command = [sys.executable, __file__, "--floor-worker", str(out), str(shard_bytes),
+                       str(base), *map(str, fine_tunes)]
         else:
             command = mergekit_command(work / f"{method}.yml", out, shard_bytes, device)
         wall, usage = run_child(command, work / f"{method}.log")
@@ -374,7 +454,8 @@ def run_all(
         shutil.rmtree(out, ignore_errors=True)
         progress.update()
         return Run(method, r, wall, usage.ru_utime + usage.ru_stime, usage.ru_utime,
-                   usage.ru_stime, usage.ru_maxrss * 1024)
+                   usage.ru_stime, usage.ru_maxrss * 1024, usage.ru_inblock * 512,
+                   usage.ru_oublock * 512)
 
     runs: List[Run] = []
     for r in range(rounds):
@@ -400,6 +481,8 @@ def summarize(runs: Sequence[Run]) -> Dict[str, Dict[str, float]]:
             "cpu_s": statistics.median(r.cpu_s for r in mine),
             "sys_s": statistics.median(r.sys_s for r in mine),
             "peak_rss_gb": statistics.median(r.peak_rss_bytes for r in mine) / 1e9,
+            "read_gb": statistics.median(r.read_bytes for r in mine) / 1e9,
+            "written_gb": statistics.median(r.write_bytes for r in mine) / 1e9,
             "rounds": len(mine),
         }
     for method in methods:
@@ -448,12 +531,225 @@ def markdown(med: Dict[str, Dict[str, float]], checks: Dict[str, bool], meta: di
     return "\n".join(lines) + "\n"
 
 
+# ----------------------------------------------------------------------------- scaling
+
+def _counts(text: str) -> List[int]:
+    values = [int(part) for part in text.split(",") if part.strip()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: positive integers, comma-separated")
+    return sorted(set(values))
+
+
+def fit_line(xs: Sequence[float], ys: Sequence[float]) -> Dict[str, object]:
+    """Least squares ``y = intercept + slope * x``: the slope, its standard error (None with
+    fewer than 3 points) and the residuals, so a reader sees how straight the growth is."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
+    intercept = my - slope * mx
+    residuals = [y - (intercept + slope * x) for x, y in zip(xs, ys)]
+    se = (math.sqrt(sum(r * r for r in residuals) / (n - 2) / sxx) if n > 2 and sxx else None)
+    return {"slope": slope, "intercept": intercept, "slope_se": se, "residuals": residuals}
+
+
+def growth(points: Dict[int, Dict[str, Dict[str, float]]], extrapolate: Optional[int] = None):
+    """Per method: the fitted growth of wall time and peak RSS over the points' x values."""
+    xs = sorted(points)
+    methods = list(points[xs[0]])
+    fits: Dict[str, Dict[str, object]] = {}
+    for method in methods:
+        row: Dict[str, object] = {}
+        for metric in ("wall_s", "peak_rss_gb"):
+            fit = fit_line(xs, [points[x][method][metric] for x in xs])
+            if extrapolate is not None:
+                fit["at_" + str(extrapolate)] = fit["intercept"] + fit["slope"] * extrapolate
+            row[metric] = fit
+        fits[method] = row
+    return fits
+
+
+def scaling_targets(kind: str, points, fits, full_layers: int = 0) -> Dict[str, bool]:
+    """The scaling issue's targets on the medians, per point (ratios within one run); at a
+    full-size point (``full_layers``) also fapm's absolute peak RSS and 1.1x wall."""
+    checks: Dict[str, bool] = {}
+    for x, med in sorted(points.items()):
+        tag = f"{x} layer(s)" if kind == "layers" else f"{x} fine-tune(s)"
+        if kind == "layers" and x == full_layers and "fapm" in med and REFERENCE in med:
+            checks[f"{tag} (full size): fapm peak RSS < 4 GB"] = med["fapm"]["peak_rss_gb"] < 4.0
+            checks[f"{tag} (full size): fapm wall <= 1.1x task_arithmetic"] = (
+                med["fapm"]["wall_vs_ta"] <= 1.1)
+        if kind == "layers" and "fapm" in med and REFERENCE in med:
+            checks[f"{tag}: fapm wall <= 1.0x task_arithmetic"] = med["fapm"]["wall_vs_ta"] <= 1.0
+            checks[f"{tag}: fapm wall <= 1.2x I/O floor"] = med["fapm"]["wall_vs_floor"] <= 1.2
+            checks[f"{tag}: fapm peak RSS <= 1.1x task_arithmetic"] = med["fapm"]["rss_vs_ta"] <= 1.1
+        if kind == "fine_tunes" and "fapm_ties" in med and "ties" in med:
+            checks[f"{tag}: fapm_ties wall <= 1.0x ties"] = (
+                med["fapm_ties"]["wall_s"] <= med["ties"]["wall_s"])
+            checks[f"{tag}: fapm_ties peak RSS <= 1.0x ties"] = (
+                med["fapm_ties"]["peak_rss_gb"] <= med["ties"]["peak_rss_gb"])
+    if kind == "layers" and "fapm" in fits and len(points) > 2:
+        fit = fits["fapm"]["peak_rss_gb"]
+        checks["fapm peak RSS does not grow with layers (|slope| <= 2 standard errors)"] = (
+            abs(fit["slope"]) <= 2 * fit["slope_se"])
+    return checks
+
+
+def scaling_markdown(kind: str, points, fits, checks, meta) -> str:
+    unit = "layer" if kind == "layers" else "fine-tune"
+    lines = [
+        f"Synthetic {meta['shape']} shape ({meta['model']}), bf16, "
+        + (f"{meta['base_layers']} layer(s) per model, the base and N fine-tunes merged per "
+           "row; " if kind == "fine_tunes" else "the base and one fine-tune; ")
+        + f"device `{meta['device']}`; {meta['rounds']} "
+        "round(s) per point, methods interleaved, medians; output shards of "
+        f"{meta['out_shard_bytes'] / 1e9:g} GB.", "",
+        f"| {unit}s | method | wall s | CPU s | peak RSS GB | read GB | written GB "
+        "| wall / task_arithmetic | wall / I/O floor | RSS / task_arithmetic |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for x, med in sorted(points.items()):
+        for method, row in med.items():
+            lines.append(
+                f"| {x} | `{method}` | {row['wall_s']:.1f} | {row['cpu_s']:.1f} "
+                f"| {row['peak_rss_gb']:.2f} | {row['read_gb']:.2f} | {row['written_gb']:.2f} "
+                f"| {row.get('wall_vs_ta', float('nan')):.2f} "
+                f"| {row.get('wall_vs_floor', float('nan')):.2f} "
+                f"| {row.get('rss_vs_ta', float('nan')):.2f} |")
+    far = meta.get("extrapolate")
+    lines += ["", f"Inputs: {meta['inputs_gb']:.1f} GB of safetensors generated for this run"
+              + (" (deleted afterwards)." if meta.get("deleted") else ".")]
+    lines += [] if not fits else ["", f"Growth per added {unit} (least squares over {len(points)} points; "
+              "residuals in the units of the column)" + (f" and the fit at {far} {unit}s:" if far
+                                                        else ":"), "",
+              f"| method | wall s per {unit} | wall residuals | peak RSS GB per {unit} (SE) "
+              "| RSS residuals" + (f" | wall s at {far} | RSS GB at {far} |" if far else " |"),
+              "|---|---|---|---|---|" + ("---|---|" if far else "")]
+    for method, row in fits.items():
+        wall, rss = row["wall_s"], row["peak_rss_gb"]
+        se = f" ({rss['slope_se']:.3f})" if rss["slope_se"] is not None else ""
+        cells = [f"`{method}`", f"{wall['slope']:.2f}",
+                 ", ".join(f"{r:+.2f}" for r in wall["residuals"]), f"{rss['slope']:.3f}{se}",
+                 ", ".join(f"{r:+.3f}" for r in rss["residuals"])]
+        if far:
+            cells += [f"{wall['at_' + str(far)]:.0f}", f"{rss['at_' + str(far)]:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if checks:
+        lines += ["", "Targets:", ""]
+        lines += [f"- {'met' if ok else 'MISSED'}: {name}" for name, ok in checks.items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot_growth(kind: str, points, path: Path) -> None:
+    """Wall time and peak RSS against the number of layers or of fine-tunes, a line per
+    method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = sorted(points)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for method in points[xs[0]]:
+        for axis, metric in zip(axes, ("wall_s", "peak_rss_gb")):
+            axis.plot(xs, [points[x][method][metric] for x in xs], marker="o", label=method)
+    label = "layers" if kind == "layers" else "fine-tunes merged"
+    for axis, title in zip(axes, ("wall time (s)", "peak RSS (GB)")):
+        axis.set_xlabel(label)
+        axis.set_title(title)
+        axis.set_xticks(xs)
+        axis.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def scaling_main(args, shape: ModelShape, argv) -> int:
+    """``--layers`` and/or ``--fine-tunes``: one point per count, the growth fitted."""
+    from dataclasses import replace
+
+    rounds = args.rounds or 1
+    shard_bytes = int(args.shard_gb * 1e9) if not args.quick else 4_000_000
+    out_dir = args.out or (args.cache / "quick-results" if args.quick
+                           else REPO / "docs" / "benchmarks")
+    doc = None
+    if not args.no_doc and not args.quick and args.device == "cpu":
+        doc = args.doc or REPO / "docs" / "benchmarks.md"
+    jobs = args.jobs or (2 if args.quick else 1)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    name = "quick" if args.quick else args.shape
+    plans = []
+    if args.layers:
+        plans.append(("layers", args.layers))
+    if args.fine_tunes:
+        plans.append(("fine_tunes", args.fine_tunes))
+    for kind, counts in plans:
+        methods = args.methods or list(LAYER_METHODS if kind == "layers" else FINE_TUNE_METHODS)
+        points: Dict[int, Dict[str, Dict[str, float]]] = {}
+        all_runs: List[Run] = []
+        with tempfile.TemporaryDirectory(prefix="fapm-bench-", dir=args.cache) as tmp:
+            work = Path(tmp)
+            if kind == "layers":
+                base, (ft,) = build_models(replace(shape, layers=max(counts)), args.cache,
+                                           shard_bytes, per_layer=True)
+            else:
+                base, fts = build_models(replace(shape, layers=args.fine_tune_layers),
+                                         args.cache, shard_bytes, fine_tunes=max(counts))
+            generated = base.parent
+            inputs_gb = sum(f.stat().st_size for f in generated.rglob("*.safetensors")) / 1e9
+            for count in counts:
+                if kind == "layers":
+                    inputs = (layer_view(base, count, work / f"view-{count}" / "base"),
+                              [layer_view(ft, count, work / f"view-{count}" / "ft")])
+                else:
+                    inputs = (base, fts[:count])
+                runs = run_all(methods, inputs[0], inputs[1], rounds, shard_bytes, args.device,
+                               work, jobs, label=f" ({count} {kind.replace('_', '-')})")
+                points[count] = summarize(runs)
+                all_runs += [dict(asdict(r), count=count) for r in runs]
+            if args.delete_after:
+                shutil.rmtree(generated)
+        extrapolate = (shape.layers if kind == "layers" and not args.quick
+                       and max(counts) < shape.layers else None)
+        fits = growth(points, extrapolate) if len(points) > 1 else {}
+        checks = scaling_targets(kind, points, fits, 0 if args.quick else shape.layers)
+        stem = "layers" if kind == "layers" else "fine-tunes"
+        stem += f"-{name}" + (f"-{counts[0]}" if len(counts) == 1 else "")
+        meta = {"shape": name, "model": ", ".join(f"{k} {v}" for k, v in asdict(shape).items()
+                                                 if k != "layers"),
+                "base_layers": args.fine_tune_layers, "device": args.device, "rounds": rounds,
+                "out_shard_bytes": shard_bytes, "quick": args.quick, "jobs": jobs,
+                "extrapolate": extrapolate, "counts": counts, "inputs_gb": inputs_gb,
+                "deleted": args.delete_after}
+        meta.update(_report.machine(args.device))
+        meta["command"] = _report.command_line(
+            sys.argv if argv is None else ["benchmarks/bench_merge.py", *argv])
+        table = scaling_markdown(kind, points, fits, checks, meta)
+        if len(points) > 1:
+            plot_growth(kind, points, out_dir / f"{stem}.png")
+            table += f"\n![wall and peak RSS, {stem}](benchmarks/{stem}.png)\n"
+        result = {"meta": meta, "points": {str(x): med for x, med in points.items()},
+                  "growth": fits, "targets": checks, "runs": all_runs}
+        (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out_dir / f"{stem}.md").write_text(table)
+        if doc is not None:
+            _report.update_doc(doc, stem, table, meta)
+        print(table)
+        print(f"results: {out_dir / (stem + '.json')}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, one round (smoke test)")
     parser.add_argument("--rounds", type=int, help="rounds (default 3, 1 with --quick)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS),
+                        help="methods to run (default: all but fapm_ties; in a scaling run "
+                        f"{', '.join(LAYER_METHODS)} with --layers, {', '.join(FINE_TUNE_METHODS)} "
+                        "with --fine-tunes)")
     parser.add_argument("--cache", type=Path, default=_report.default_cache(),
                         help="where the synthetic pair is kept between runs")
     parser.add_argument("--out", type=Path, help="results folder (default docs/benchmarks; "
@@ -465,20 +761,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="input and output shard size in GB (default 1)")
     parser.add_argument("--jobs", type=int, help="children at a time (default 1; 2 with "
                         "--quick, whose timings do not matter)")
-    parser.add_argument("--floor-worker", nargs=4, metavar=("BASE", "FT", "OUT", "BYTES"),
+    parser.add_argument("--shape", choices=list(SHAPES), default="tinyllama",
+                        help="the synthetic models' shape (default tinyllama: 1.1B)")
+    parser.add_argument("--layers", type=_counts, help="scaling run: these numbers of layers "
+                        "of --shape (e.g. 1,2,4), one fine-tune; growth fitted per layer")
+    parser.add_argument("--fine-tunes", type=_counts, help="scaling run: merge this many "
+                        "fine-tunes (e.g. 1,2,4,8) of a --fine-tune-layers slice of --shape")
+    parser.add_argument("--fine-tune-layers", type=int, default=1,
+                        help="layers of the slice --fine-tunes merges (default 1)")
+    parser.add_argument("--delete-after", action="store_true", help="delete the generated "
+                        "models after a scaling run (a full-size pair is 32 GB)")
+    parser.add_argument("--floor-worker", nargs="+", metavar="OUT BYTES BASE FT",
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.floor_worker:
-        base, ft, out, size = args.floor_worker
-        io_floor(Path(base), Path(ft), Path(out), int(size))
+        out, size, base, *fine_tunes = args.floor_worker
+        io_floor(Path(base), [Path(f) for f in fine_tunes], Path(out), int(size))
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.exit(2, "bench_merge: --device cuda needs a CUDA build of torch and a visible GPU; "
                        f"torch {torch.__version__} reports none (torch.cuda.is_available() is "
                        "False).\n")
 
-    shape = QUICK if args.quick else FULL
+    shape = QUICK if args.quick else SHAPES[args.shape]
+    if args.layers or args.fine_tunes:
+        return scaling_main(args, shape, argv)
     rounds = args.rounds or (1 if args.quick else 3)
     shard_bytes = int(args.shard_gb * 1e9) if not args.quick else 4_000_000
     out_dir = args.out or (args.cache / "quick-results" if args.quick else REPO / "docs" / "benchmarks")
@@ -486,10 +794,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.no_doc:
         doc = args.doc or (None if args.quick or args.device != "cpu" else REPO / "docs" / "benchmarks.md")
 
-    base, ft = build_pair(shape, args.cache, shard_bytes)
+    base, (ft,) = build_models(shape, args.cache, shard_bytes)
     with tempfile.TemporaryDirectory(prefix="fapm-bench-", dir=args.cache) as tmp:
         jobs = args.jobs or (2 if args.quick else 1)
-        runs = run_all(args.methods, base, ft, rounds, shard_bytes, args.device, Path(tmp), jobs)
+        methods = args.methods or list(PAIR_METHODS)
+        runs = run_all(methods, base, ft, rounds, shard_bytes, args.device, Path(tmp), jobs)
     med = summarize(runs)
     checks = targets(med)
     meta = {

@@ -92,7 +92,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     shape = bench_merge.QUICK if args.quick else bench_merge.FULL
     shard_bytes = 4_000_000 if args.quick else int(1e9)
-    base, ft = bench_merge.build_pair(shape, args.cache, shard_bytes)
+    base, (ft,) = bench_merge.build_models(shape, args.cache, shard_bytes)
     parts: Dict[str, Dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="fapm-profile-", dir=args.cache) as tmp:
         for method in ("task_arithmetic", "fapm"):

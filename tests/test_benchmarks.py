@@ -46,7 +46,7 @@ def test_merge_quick_runs_every_method(quick_results):
     import bench_merge
 
     result = json.loads((quick_results / "bench_merge" / "merge.json").read_text())
-    expected = {"io_floor", *bench_merge.METHODS}
+    expected = {"io_floor", *bench_merge.PAIR_METHODS}
     assert set(result["medians"]) == expected
     assert {run["method"] for run in result["runs"]} == expected
     for row in result["medians"].values():
@@ -96,3 +96,52 @@ def test_threads_quick_prints_every_method_at_every_thread_count():
     for row in rows:
         cells = row.strip("| ").split(" | ")[2:4]
         assert all(float(cell) >= 0 for cell in cells)
+
+
+def test_sweep_quick_scores_the_same_as_the_naive_loop(tmp_path):
+    """benchmarks/bench_sweep.py on a tiny pair: one point through mergekit-yaml + lm-eval
+    processes and through one sweep process; the script exits non-zero on any difference."""
+    done = subprocess.run([sys.executable, str(BENCH / "bench_sweep.py"), "--quick",
+                           "--cache", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "scores identical: True" in done.stdout
+
+
+def test_scaling_quick_fits_growth_over_layers_and_fine_tunes(tmp_path):
+    """--layers and --fine-tunes in quick mode: every method at every point, the fitted
+    slopes reproduce the medians they were fitted to, and the plots are written."""
+    out = tmp_path / "scale"
+    for args in (["--layers", "1,2,3", "--methods", "task_arithmetic", "fapm"],
+                 ["--fine-tunes", "1,2", "--methods", "ties", "fapm_ties"]):
+        done = _run("bench_merge.py", "--quick", *args, "--out", str(out), tmp_path=tmp_path)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+
+    layers = json.loads((out / "layers-quick.json").read_text())
+    assert sorted(layers["points"]) == ["1", "2", "3"]
+    for med in layers["points"].values():
+        assert set(med) == {"io_floor", "task_arithmetic", "fapm"}
+        assert all(row["wall_s"] > 0 and row["peak_rss_gb"] > 0 for row in med.values())
+    fit = layers["growth"]["fapm"]["wall_s"]
+    walls = [layers["points"][str(x)]["fapm"]["wall_s"] for x in (1, 2, 3)]
+    for x, wall, residual in zip((1, 2, 3), walls, fit["residuals"]):
+        assert fit["intercept"] + fit["slope"] * x + residual == pytest.approx(wall)
+    assert fit["slope_se"] is not None
+    tunes = json.loads((out / "fine-tunes-quick.json").read_text())
+    assert sorted(tunes["points"]) == ["1", "2"]
+    assert set(tunes["points"]["2"]) == {"io_floor", "ties", "fapm_ties"}
+    assert any("fapm_ties wall <= 1.0x ties" in name for name in tunes["targets"])
+    for stem in ("layers-quick", "fine-tunes-quick"):
+        assert (out / f"{stem}.png").stat().st_size > 0
+        table = (out / f"{stem}.md").read_text()
+        method = "fapm" if stem.startswith("layers") else "fapm_ties"
+        assert f"| 2 | `{method}` |" in table and f"| `{method}` |" in table  # point, growth
+
+
+def test_fit_line_recovers_a_known_line():
+    sys.path.insert(0, str(BENCH))
+    import bench_merge
+
+    fit = bench_merge.fit_line([1, 2, 4], [3.0, 5.0, 9.0])
+    assert fit["slope"] == pytest.approx(2.0) and fit["intercept"] == pytest.approx(1.0)
+    assert fit["slope_se"] == pytest.approx(0.0, abs=1e-12)
+    assert max(abs(r) for r in fit["residuals"]) < 1e-12

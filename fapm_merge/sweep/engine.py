@@ -75,12 +75,13 @@ def plan(config: dict, options=None) -> List[PlannedTensor]:
             for t in tasks if isinstance(t, SaveTensor)]
 
 
-def load_inputs(task, release: bool = False) -> Dict[Any, Any]:
+def load_inputs(task, release: bool = False, only=None) -> Dict[Any, Any]:
     """The inputs of one merge task, loaded exactly as mergekit's ``GatherTensors`` does.
 
     ``release``: close mergekit's open shards afterwards. Its loader keeps the current
     safetensors shard of every model memory-mapped, and the pages read through a mapping
     count in the process's resident memory; a sweep holds its models for minutes.
+    ``only``: load this one model's tensor (a ``ModelReference``), not every model's.
     """
     from mergekit.io.tasks import GatherTensors, LoaderCache
 
@@ -89,8 +90,12 @@ def load_inputs(task, release: bool = False) -> Dict[Any, Any]:
         raise SweepInputError(
             f"tensor {task.output_weight.name}: the recipe realigns vocabularies "
             "(`tokenizer:`), which the in-memory sweep does not support; run with --low-memory")
-    loaded = {key: load.execute() for key, load in gather.arguments().items()}
-    inputs = gather.execute(**loaded)
+    # GatherTensors.execute's own keys, restricted to ``only``
+    models = {f"{model}:{info.name}": model for model, info in gather.weight_info.items()
+              if only is None or model == only}
+    loads = gather.arguments()
+    loaded = {key: loads[key].execute() for key in models}
+    inputs = {model: loaded[key] for key, model in models.items() if loaded[key] is not None}
     if release:
         inputs = {key: value.clone() for key, value in inputs.items()}
         LoaderCache().flush_all()
@@ -124,6 +129,7 @@ class InMemorySweep:
         self.state: Dict[str, Tuple] = {p.name: ("unknown",) for p in self.base_plan}
         self.finetuned: Dict[str, Any] = {}
         self.levels: Dict[Tuple[str, str], Tuple[Any, List[float]]] = {}
+        self.aligned: Dict[str, Any] = {}  # tensor name -> the inputs' aligned dtype
         self._plans: Dict[str, List[PlannedTensor]] = {}
         self.level_bytes = 0
 
@@ -177,13 +183,12 @@ class InMemorySweep:
         each in the merge's output dtype, over every tensor the merge writes."""
         import torch
 
+        model = self.base_ref if which == "pretrained" else self.ft_ref
         for planned in self.base_plan:
-            inputs = self._load(planned)
-            source = inputs.get(self.base_ref if which == "pretrained" else self.ft_ref)
+            source, dtype = self._load_one(planned, model)
             if source is None:  # an optional tensor this model lacks: mergekit's own output
-                self._general(planned, inputs)
+                self._general(planned)
                 continue
-            dtype = self._aligned_dtype(inputs)
             with torch.no_grad():
                 self._write(planned.name,
                             source.to(dtype).to(_out_dtype(source.to(dtype), planned.save_dtype)))
@@ -241,7 +246,7 @@ class InMemorySweep:
             if (base is None or finetuned is None or not base.is_floating_point()
                     or base.shape != finetuned.shape):
                 continue  # the general path handles (or reports) these
-            dtype = self._aligned_dtype(inputs)
+            dtype = self.aligned[name] = self._aligned_dtype(inputs)
             with torch.no_grad():
                 scores = kernel.score_task_vector(base.to(dtype), finetuned.to(dtype), score)
                 del inputs, base, finetuned
@@ -299,8 +304,8 @@ class InMemorySweep:
             if not bool(select.any()):
                 self.state[name] = ("level", score, index)
                 return
-            inputs = self._load(planned)
-            finetuned = inputs[self.ft_ref].to(self._aligned_dtype(inputs))
+            finetuned, dtype = self._load_one(planned, self.ft_ref)
+            finetuned = finetuned.to(dtype)
             finetuned = finetuned.to(_out_dtype(finetuned, planned.save_dtype))
             target = self.targets[name].data
             select = select.view(target.shape).to(target.device)
@@ -308,12 +313,24 @@ class InMemorySweep:
         self.state[name] = ("level", score, index)
 
     def _load(self, planned: PlannedTensor) -> Dict[Any, Any]:
-        return load_inputs(planned.task, release=True)
+        inputs = load_inputs(planned.task, release=True)
+        if inputs and all(t.is_floating_point() for t in inputs.values()):
+            self.aligned.setdefault(planned.name, self._aligned_dtype(inputs))
+        return inputs
+
+    def _load_one(self, planned: PlannedTensor, model):
+        """(``model``'s tensor, the dtype mergekit aligns the inputs to): once the dtype is
+        known only that model's tensor is read (half the reading of a variant's build)."""
+        if planned.name in self.aligned:
+            tensor = load_inputs(planned.task, release=True, only=model).get(model)
+            return tensor, self.aligned[planned.name]
+        inputs = self._load(planned)
+        tensor = inputs.get(model)
+        return tensor, (self._aligned_dtype(inputs) if tensor is not None else None)
 
     def _reset_to_base(self, planned: PlannedTensor) -> None:
-        inputs = self._load(planned)
-        base = inputs[self.base_ref]
-        base = base.to(self._aligned_dtype(inputs))
+        base, dtype = self._load_one(planned, self.base_ref)
+        base = base.to(dtype)
         self._write(planned.name, base.to(_out_dtype(base, planned.save_dtype)))
 
     def _general(self, planned: PlannedTensor, inputs: Optional[dict] = None) -> None:

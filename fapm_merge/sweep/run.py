@@ -178,7 +178,10 @@ def run_sweep(options: SweepOptions, echo=print) -> dict:
         "current": [key for key, _, _ in keyed],
         "variants": entries,
     }
-    pending = [(k, v, c) for k, v, c in keyed if k not in entries]
+    # scored in the order that builds cheapest in memory: from the base through one score's
+    # sparsities downwards (each step only adds fine-tuned elements), the fine-tune after
+    pending = sorted(((k, v, c) for k, v, c in keyed if k not in entries),
+                     key=lambda item: _build_order(item[1]))
     res.write_json_atomic(results_path, data)
     start = time.perf_counter()
     timing = {"setup_s": 0.0, "build_s": 0.0, "eval_s": 0.0}
@@ -207,6 +210,12 @@ def run_sweep(options: SweepOptions, echo=print) -> dict:
     timing["wall_s"] = time.perf_counter() - start
     data["timing"] = {k: round(v, 3) for k, v in timing.items()}
     return finish(data, keyed, options, results_path, task_specs, general_specs, recipe, echo)
+
+
+def _build_order(variant: Variant) -> int:
+    if variant.kind == "reference":
+        return 0 if variant.reference == "pretrained" else 2
+    return 1 if variant.kind == "sweep" else 3
 
 
 def finish(data, keyed, options, results_path, task_specs, general_specs, recipe, echo):

@@ -182,16 +182,14 @@ def _scopes(source: dict, finetuned: str, key: str) -> List[dict]:
     if _PER_MODEL.get(key, False):
         for entry in source.get("models") or []:
             if isinstance(entry, dict) and str(entry.get("model")) == finetuned:
-                scopes.append(entry.setdefault("parameters", {}) if entry.get(
-                    "parameters") is None else entry["parameters"])
-    scopes.append(source.setdefault("parameters", {}) if source.get(
-        "parameters") is None else source["parameters"])
+                scopes.append(entry.get("parameters") or {})
+    scopes.append(source.get("parameters") or {})
     return scopes
 
 
 def _default_of(source: dict, finetuned: str, key: str) -> Any:
     """The value the recipe falls back to for ``key`` (None: the method default)."""
-    for scope in _scopes(copy.deepcopy(source), finetuned, key):
+    for scope in _scopes(source, finetuned, key):
         if key not in scope:
             continue
         setting = scope[key]
