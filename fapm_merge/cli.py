@@ -1,7 +1,8 @@
 """The ``fapm-merge`` command line: run, validate, demo (and the tools built on them).
 
-Heavy imports (torch, mergekit's merge machinery) happen inside the commands, except for
-mergekit's option definitions, which ``run`` reuses so its flags are exactly mergekit-yaml's.
+Heavy imports (torch, mergekit's merge machinery) happen inside the commands: ``fapm-merge
+--help`` imports neither. ``run`` takes mergekit-yaml's own flags, built by mergekit when the
+command is used (:class:`MergekitOptionsCommand`).
 """
 
 from __future__ import annotations
@@ -9,9 +10,12 @@ from __future__ import annotations
 import copy
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import click
-from mergekit.options import MergeOptions, add_merge_options
+
+if TYPE_CHECKING:
+    from mergekit.options import MergeOptions
 
 from fapm_merge import __version__
 from fapm_merge.inspect_cli import inspect_command
@@ -28,6 +32,24 @@ def main() -> None:
     The methods `fapm` and `fapm_ties` are registered with mergekit on install, so plain
     `mergekit-yaml recipe.yml OUT` runs them; these commands add checks and tools around it.
     """
+
+
+class MergekitOptionsCommand(click.Command):
+    """A command that also takes every ``mergekit-yaml`` flag, as one ``merge_options``
+    argument (mergekit's ``add_merge_options``). The flags are added the first time the
+    command parses or prints its options: importing mergekit's options imports torch, which
+    ``fapm-merge --help`` and the other commands should not pay for."""
+
+    def get_params(self, ctx: click.Context):
+        if not getattr(self, "_merge_options_added", False):
+            from mergekit.options import add_merge_options
+
+            wrapped = add_merge_options(self.callback)
+            self.params = self.params + list(reversed(wrapped.__click_params__))
+            del wrapped.__click_params__
+            self.callback = wrapped
+            self._merge_options_added = True
+        return super().get_params(ctx)
 
 
 def _checked(config_file: str, check_models: bool = True, allow_uncached: bool = False):
@@ -59,7 +81,8 @@ def validate(config_file: str, no_model_check: bool) -> None:
                    f"{len(recipe.config.referenced_models())} model(s)")
 
 
-@main.command()
+@main.command(cls=MergekitOptionsCommand,
+              short_help="Validate, then merge CONFIG_FILE into OUT_PATH (mergekit-yaml's flags).")
 @click.argument("config_file", type=click.Path(dir_okay=False))
 @click.argument("out_path", type=click.Path(file_okay=False))
 @click.option("--force", is_flag=True,
@@ -69,7 +92,6 @@ def validate(config_file: str, no_model_check: bool) -> None:
 @click.option("--no-model-check", is_flag=True,
               help="Skip the checks of model folders and tensor headers (mergekit still "
                    "checks what it needs while merging).")
-@add_merge_options
 def run(
     merge_options: MergeOptions, config_file: str, out_path: str, force: bool, manifest: bool,
     no_model_check: bool,

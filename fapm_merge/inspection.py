@@ -359,16 +359,6 @@ def _no_overflow(value: torch.Tensor, exact) -> torch.Tensor:
     return value if bool(torch.isfinite(value).all()) else exact()
 
 
-def _mean_abs(flat: torch.Tensor) -> float:
-    """mean(|W_pre|) of a flat tensor, float32 values summed in float64 chunk by chunk."""
-    total = 0.0
-    for start in range(0, flat.numel(), CHUNK):
-        total += flat[start : start + CHUNK].to(torch.float32).abs().sum(dtype=torch.float64).item()
-    if not math.isfinite(total):
-        raise kernel.NonFiniteWeightsError("the base weight has NaN or infinite values")
-    return total / flat.numel() if flat.numel() else 0.0
-
-
 def tensor_tally(
     base: torch.Tensor,
     finetuned: torch.Tensor,
@@ -400,7 +390,7 @@ def tensor_tally(
     for name in flat_masks:
         tally.masks[name] = MaskTally()
 
-    mean_abs = _mean_abs(flat_base)
+    mean_abs = kernel.mean_abs(flat_base)
 
     pair = all(name in flat_masks for name in MASKS)
     for start in range(0, n, CHUNK):
@@ -470,7 +460,7 @@ def heatmap_data(
     rows, cols = base.shape
     br, bc = math.ceil(rows / max_side), math.ceil(cols / max_side)
     n_r, n_c = math.ceil(rows / br), math.ceil(cols / bc)
-    mean_abs = _mean_abs(base.reshape(-1))
+    mean_abs = kernel.mean_abs(base)
     titles = ["|W_pre|", "|dW|", "|dW| / |W_pre|", "FAPM score S"] + [f"{m} mask" for m in masks]
     panels = {title: np.full((n_r, n_c), np.nan) for title in titles}
 
@@ -490,7 +480,10 @@ def heatmap_data(
         size = (finetuned[sl].to(torch.float32) - w).abs_()
         magnitude = w.abs()
         ratio = torch.div(size, magnitude).masked_fill_(magnitude == 0, math.nan)
-        score = size - mean_abs * ratio if mean_abs > 0 else size
+        # the kernel's score with the whole matrix's mean; undefined where W_pre == 0 (the
+        # kernel ranks those last), 0 where nothing changed (the kernel's -inf)
+        score = kernel.forgetting_score(base[sl], finetuned[sl], mean=mean_abs)
+        score.masked_fill_(size == 0, 0.0).masked_fill_(magnitude == 0, math.nan)
         values = [magnitude, size, ratio, score] + [m[sl].to(torch.float32) for m in masks.values()]
         for title, value in zip(titles, values):
             panels[title][first:last] = pool(value)

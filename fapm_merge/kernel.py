@@ -21,21 +21,19 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-SCORES = ("fapm", "magnitude", "relative", "random")
-RESCALES = ("none", "density", "l1", "l2")
-CONSENSUS = ("sum", "count")
+from fapm_merge.choices import CONSENSUS, DETERMINISTIC_SCORES, RESCALES, SCORES  # noqa: F401
 
 # A score no real change can fall below: elements that cannot change anything (dW == 0) sit
 # under it at -inf, so they never take the budget of a real change.
 _LOWEST_REAL = torch.finfo(torch.float32).min
 
-# Below this size an exact kthvalue over the whole tensor is cheap; above it we bracket the
-# threshold with a sample first (kthvalue copies and partially sorts its input) and select in
-# one chunked pass.
+# Below this size the selection's bracket is open (an exact kthvalue over the whole tensor is
+# cheap); above it the threshold is bracketed with a sample first (kthvalue copies and
+# partially sorts its input), and the fused FAPM pass applies.
 _DIRECT_SELECTION = 1 << 16
 _SAMPLE = 1 << 20  # at most; n // 256 elements, at least _MIN_SAMPLE
 _MIN_SAMPLE = 1 << 14
-_TIE_CHUNK = 1 << 22
+_PIECE = 1 << 22  # elements per piece of the whole-tensor float64 / mixed-dtype passes
 # Slice length of the chunked passes: a few float32 buffers of this size stay in cache on a
 # CPU; accelerators want fewer, larger launches.
 _CHUNK = 1 << 18
@@ -85,7 +83,7 @@ def _exact_in_float32(*tensors: torch.Tensor) -> bool:
 def _chunks(tensor: torch.Tensor):
     """Flat pieces of a tensor: mixed-dtype and float64 ops on whole tensors allocate a
     converted copy of their input (1-2x the tensor); per piece that copy stays small."""
-    return tensor.reshape(-1).split(_TIE_CHUNK)
+    return tensor.reshape(-1).split(_PIECE)
 
 
 def _sum64(tensor: torch.Tensor) -> float:
@@ -117,15 +115,6 @@ def _task_vector_magnitude(
         raise NonFiniteWeightsError(_NON_FINITE_CHANGE)
     change.abs_()
     return change, change == 0
-
-
-def _mean_abs(base: torch.Tensor) -> Tuple[torch.Tensor, float]:
-    """|W_pre| in float32 and its mean accumulated in float64."""
-    magnitude = base.to(torch.float32, copy=True).abs_()
-    mean = _sum64(magnitude) / max(1, magnitude.numel())
-    if not math.isfinite(mean):
-        raise NonFiniteWeightsError("the base weight has NaN or infinite values")
-    return magnitude, mean
 
 
 def _finish(score: torch.Tensor, unchanged: torch.Tensor) -> torch.Tensor:
@@ -171,11 +160,19 @@ def _for_slices(n: int, step: int, device: torch.device, work: Callable[[int, in
     return [work(start, min(n, start + step), scratch) for start in range(0, n, step)]
 
 
-def _mean_abs_value(flat: torch.Tensor) -> float:
-    """mean(|W_pre|), accumulated in float64 slice by slice (no tensor-sized temporary).
+def mean_abs(base: torch.Tensor) -> float:
+    """``mean(|W_pre|)`` over one whole tensor: the penalty's scale in the FAPM score.
 
-    A non-finite base makes the task vector non-finite as well, hence the same error.
+    Args:
+        base: any shape, floating dtype and device; the mean is of its float32 values
+            (exact for float32, bfloat16 and float16), accumulated in float64 slice by slice
+            (no tensor-sized temporary). An empty tensor has mean 0.
+
+    Raises :class:`NonFiniteWeightsError` for NaN or infinite values (a non-finite base makes
+    the task vector non-finite as well, hence the same message).
     """
+    flat = base.reshape(-1)
+
     def work(start: int, stop: int, _) -> float:
         piece = flat[start:stop]
         if piece.dtype not in _EXACT_IN_FLOAT32:  # |W_pre| is taken of the float32 value
@@ -191,11 +188,11 @@ def _mean_abs_value(flat: torch.Tensor) -> float:
 class _FapmScorer:
     """FAPM scores of slices of a flattened (base, fine-tune) pair."""
 
-    def __init__(self, base: torch.Tensor, finetuned: torch.Tensor):
+    def __init__(self, base: torch.Tensor, finetuned: torch.Tensor, mean: Optional[float] = None):
         self.base, self.finetuned = base.reshape(-1), finetuned.reshape(-1)
         self.device = base.device
         self.step = _chunk_size(self.device)
-        self.mean = _mean_abs_value(self.base)
+        self.mean = mean_abs(self.base) if mean is None else float(mean)
 
     def of(
         self, base: torch.Tensor, finetuned: torch.Tensor, scratch: dict, exact: bool,
@@ -244,11 +241,15 @@ def _check_finite(largest_changes: Sequence[torch.Tensor]) -> None:
         raise NonFiniteWeightsError(_NON_FINITE_CHANGE)
 
 
-def forgetting_score(base: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
+def forgetting_score(
+    base: torch.Tensor, finetuned: torch.Tensor, mean: Optional[float] = None
+) -> torch.Tensor:
     """FAPM score ``S = |dW| - mean(|W_pre|) * |dW| / |W_pre|`` (paper, Algorithm 1).
 
     Args:
         base, finetuned: same shape, any floating dtype and device.
+        mean: ``mean(|W_pre|)`` of the whole matrix when ``base`` is a piece of it (e.g. a
+            band of rows, as the inspect heatmaps score); default :func:`mean_abs` of ``base``.
 
     Returns:
         float32 tensor of ``base``'s shape. Edge cases, all deterministic and NaN-free:
@@ -262,7 +263,7 @@ def forgetting_score(base: torch.Tensor, finetuned: torch.Tensor) -> torch.Tenso
     Computed as ``|dW| * (1 - m / |W_pre|)`` in float32 (``m`` accumulated in float64), slice
     by slice: the only tensor-sized allocation is the result.
     """
-    scorer = _FapmScorer(base, finetuned)
+    scorer = _FapmScorer(base, finetuned, mean)
     n = scorer.base.numel()
     scores = torch.empty(n, dtype=torch.float32, device=base.device)
 
@@ -283,7 +284,7 @@ def magnitude_score(base: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor
 def relative_score(base: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
     """``-|dW| / |W_pre|``: the relative criterion alone, smallest relative change kept."""
     magnitude, unchanged = _task_vector_magnitude(base, finetuned)
-    penalty, _ = _mean_abs(base)
+    penalty = base.to(torch.float32, copy=True).abs_()  # finite: dW was checked
     torch.div(magnitude, penalty, out=penalty).neg_()
     del magnitude
     return _finish(penalty, unchanged)
@@ -325,9 +326,10 @@ def score_task_vector(
 # [lo, hi]; one pass over the scores, slice by slice, marks everything above ``hi`` as kept
 # and collects the few elements inside the bracket with their flat indices; an exact
 # kthvalue on those gives the threshold, and ties at it are admitted lowest index first
-# (the collected indices are ascending). A bracket that misses (only by extreme bad luck with
-# a sample this size) is detected by the counts and the selection falls back to an exact
-# search on the side where the threshold lies.
+# (the collected indices are ascending). Small tensors skip the sample: their bracket is open
+# (every element a candidate). A bracket that misses (only by extreme bad luck with a sample
+# this size) is detected by the counts, and the same scan runs again with the bracket opened
+# on the side where the threshold lies. One engine, one tie rule, for every score.
 
 
 def _sample_size(n: int) -> int:
@@ -445,61 +447,6 @@ def _resolve(
     return torch.cat([indices[over], tied])
 
 
-def _kth_largest_exact(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest value of a 1-D float tensor (1 <= k <= n), exactly, as a 0-d tensor.
-
-    Large inputs: a fixed-seed sample brackets the threshold, then an exact kthvalue runs on
-    the elements inside the bracket; if the bracket missed, on the side where it lies.
-    """
-    n = flat.numel()
-    if n <= _DIRECT_SELECTION:
-        return torch.kthvalue(flat, n - k + 1).values
-    lo, hi = _bracket(flat[_sample_picks(n, flat.device)], n, k)
-    above = int(torch.count_nonzero(flat > hi)) if hi < math.inf else 0
-    if above >= k:  # missed low: the threshold is above the bracket
-        inside, above = flat > hi, 0
-    else:
-        inside = flat >= lo
-        at_least_lo = int(torch.count_nonzero(inside))
-        if at_least_lo < k:  # missed high: the threshold is below the bracket
-            inside.logical_not_()
-            above = at_least_lo
-        elif hi < math.inf:
-            inside.logical_and_(flat <= hi)
-    candidates = flat[inside]
-    del inside
-    need = k - above
-    return torch.kthvalue(candidates, candidates.numel() - need + 1).values
-
-
-def _admit_ties(flat: torch.Tensor, threshold: torch.Tensor, keep: torch.Tensor, count: int):
-    """Mark the first ``count`` elements equal to ``threshold`` (lowest flat index first)."""
-    for start in range(0, flat.numel(), _TIE_CHUNK):
-        tied = flat[start : start + _TIE_CHUNK] == threshold
-        found = int(torch.count_nonzero(tied))
-        if found == 0:
-            continue
-        window = keep[start : start + _TIE_CHUNK]
-        if found <= count:
-            window.logical_or_(tied)
-            count -= found
-        else:
-            window[tied.nonzero().squeeze(1)[:count]] = True
-            count = 0
-        if count == 0:
-            return
-
-
-def _keep_top_k_exact(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """Threshold, then ties: the fallback of :func:`keep_top_k` (1 <= k < n)."""
-    threshold = _kth_largest_exact(flat, k)
-    keep = flat > threshold
-    missing = k - int(torch.count_nonzero(keep))
-    if missing > 0:
-        _admit_ties(flat, threshold, keep, missing)
-    return keep
-
-
 def keep_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the ``k`` largest entries of ``scores``, exactly ``k`` of them.
 
@@ -517,17 +464,20 @@ def keep_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(scores, dtype=torch.bool)
     if k >= n:
         return torch.ones_like(scores, dtype=torch.bool)
-    if n <= _DIRECT_SELECTION:
-        return _keep_top_k_exact(flat, k).view(scores.shape)
-    lo, hi = _bracket(flat[_sample_picks(n, flat.device)], n, k)
     keep = torch.empty(n, dtype=torch.bool, device=flat.device)
-    above, values, indices = _scan(
-        n, _chunk_size(flat.device), flat.device, lo, hi, lambda a, b, _: flat[a:b],
-        _mark_kept(keep),
-    )
-    admitted = _resolve(k, above, values, indices)
-    if admitted is None:
-        return _keep_top_k_exact(flat, k).view(scores.shape)
+
+    def select(lo: float, hi: float) -> Tuple[int, Optional[torch.Tensor]]:
+        above, values, indices = _scan(n, _chunk_size(flat.device), flat.device, lo, hi,
+                                       lambda a, b, _: flat[a:b], _mark_kept(keep))
+        return above, _resolve(k, above, values, indices)
+
+    if n <= _DIRECT_SELECTION:
+        lo, hi = -math.inf, math.inf
+    else:
+        lo, hi = _bracket(flat[_sample_picks(n, flat.device)], n, k)
+    above, admitted = select(lo, hi)
+    if admitted is None:  # the sample's bracket missed: open it towards the threshold
+        above, admitted = select(*((hi, math.inf) if above >= k else (-math.inf, hi)))
     keep[admitted] = True
     return keep.view(scores.shape)
 

@@ -23,14 +23,14 @@ from mergekit.merge_methods.base import (
 from pydantic import Field
 from typing_extensions import Annotated
 
-from fapm_merge import kernel, manifest
+from fapm_merge import choices, kernel, manifest
 
 PAPER_URL = "https://arxiv.org/abs/2509.08255"
 
 Fraction01 = Annotated[float, Field(ge=0.0, le=1.0)]
-ScoreName = Literal["fapm", "magnitude", "relative", "random"]
-RescaleName = Literal["none", "density", "l1", "l2"]
-ConsensusName = Literal["sum", "count"]
+ScoreName = Literal[choices.SCORES]  # Literal of a tuple: Literal["fapm", "magnitude", ...]
+RescaleName = Literal[choices.RESCALES]
+ConsensusName = Literal[choices.CONSENSUS]
 
 
 class FapmMerge(GroupMergeMethod):

@@ -139,7 +139,7 @@ def test_float64_small_changes_are_ranked_in_float64():
 ])
 def test_heavy_ties_above_the_tie_chunk(paths, sparsity, score, path):
     base, ft = tied_pair((2050, 2049), seed=int(sparsity * 10))
-    assert base.numel() > kernel._TIE_CHUNK
+    assert base.numel() > kernel._PIECE
     assert kernel._sample_size(base.numel()) > kernel._MIN_SAMPLE
     mask = kernel.prune_mask(base, ft, sparsity, score)
     assert path in paths, paths

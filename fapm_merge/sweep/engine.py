@@ -33,11 +33,11 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
+from fapm_merge.choices import DETERMINISTIC_SCORES
 from fapm_merge.sweep.variants import SweepInputError, SweepRecipe, Variant, variant_recipe
 
 LOG = logging.getLogger(__name__)
 _MAX_LEVELS = 254  # sparsities per sweep: a level (one uint8 per element) counts them
-_FAST_SCORES = ("fapm", "magnitude", "relative")
 
 
 @dataclass
@@ -214,7 +214,7 @@ class InMemorySweep:
         own = dict(task.input_parameters[self.ft_ref].items())
         identity = (shared["rescale"] == "none" and float(shared["lambda"]) == 1.0
                     and (shared["normalize"] or float(own["weight"]) == 1.0))
-        if not identity or shared["score"] not in _FAST_SCORES or shared["manifest"]:
+        if not identity or shared["score"] not in DETERMINISTIC_SCORES or shared["manifest"]:
             return None
         return shared["score"], own["sparsity"]
 

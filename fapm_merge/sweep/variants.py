@@ -32,10 +32,12 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from fapm_merge.choices import SCORES
+
 # parameter name -> is it per model (NON_BASE scope) in fapm's spec (see fapm_merge.methods)
 _PER_MODEL = {"sparsity": True, "weight": True, "score": False, "rescale": False,
               "seed": False, "normalize": False, "lambda": False}
-SWEEPABLE_SCORES = ("fapm", "magnitude", "relative", "random")
+SWEEPABLE_SCORES = SCORES
 
 
 class SweepInputError(ValueError):
