@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from fapm_merge.demo import build_pair
-from fapm_merge.inspection import inspect_models
+from fapm_merge.inspect.stats import inspect_models
 
 DOCS = Path(__file__).resolve().parent
 

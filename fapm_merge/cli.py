@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from mergekit.options import MergeOptions
 
 from fapm_merge import __version__
-from fapm_merge.inspect_cli import inspect_command
+from fapm_merge.inspect.cli import inspect_command
 from fapm_merge.recipe import RecipeError, check_recipe_file
 from fapm_merge.study.cli import study
 from fapm_merge.sweep.cli import sweep_command
@@ -126,7 +126,7 @@ def run(
     except output.OutputError as error:
         raise click.ClickException(str(error)) from None
 
-    from mergekit.merge import run_merge
+    from fapm_merge.merging import merge
 
     merge_options.apply_global_options()
     with open(config_file, encoding="utf-8") as handle:
@@ -142,7 +142,7 @@ def run(
             try:
                 # FAPM_MANIFEST: see fapm_merge.manifest (a `manifest: path` in the recipe wins)
                 with output.environment("FAPM_MANIFEST", manifest_file):
-                    run_merge(config, staging.path, options=merge_options, config_source=source)
+                    merge(config, staging.path, options=merge_options, config_source=source)
             except Exception as error:
                 if merge_options.verbosity:
                     raise

@@ -21,6 +21,9 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from fapm_merge.inspect.stats import module_type
+from fapm_merge.merging import merge
+
 # token ids: 0 end of text, 1 and 2 the markers, then the numbers 0..60 (counting is mod 61)
 EOS, MARK_TASK, MARK_OTHER = 0, 1, 2
 NUMBERS = 61
@@ -168,30 +171,6 @@ parameters:
   score: {score}
 dtype: float32
 """
-
-
-def merge(recipe_path: str, out_path: str) -> None:
-    """Merge a recipe through mergekit's own ``run_merge`` (our methods registered)."""
-    import yaml
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
-
-    import fapm_merge
-
-    fapm_merge.register()
-    with open(recipe_path, encoding="utf-8") as handle:
-        config = MergeConfiguration.model_validate(yaml.safe_load(handle))
-    options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True)
-    run_merge(config, out_path, options=options)
-
-
-def module_type(name: str) -> str:
-    """``model.layers.3.self_attn.q_proj.weight`` -> ``q_proj``; norms grouped as ``norm``."""
-    if "norm" in name:
-        return "norm"
-    parts = [p for p in name.split(".") if p not in ("weight", "bias") and not p.isdigit()]
-    return parts[-1] if parts else name
 
 
 def summarize(base_sd, finetuned_sd, merged_sd, sparsity: float) -> List[Dict[str, float]]:

@@ -71,7 +71,7 @@ def tensor_record(
     seed: int = 0,
 ) -> Dict[str, object]:
     """The manifest line (a dict) of one merged tensor; recomputes each fine-tune's mask."""
-    from fapm_merge.inspection import tensor_tally
+    from fapm_merge.inspect.stats import tensor_tally
 
     entries: List[Dict[str, object]] = []
     base_zero = int((base == 0).count_nonzero())

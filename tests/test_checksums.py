@@ -100,20 +100,17 @@ RECIPES = {
 
 
 def merged_digest(tiny_models, tmp_path, name) -> str:
-    """The merge of one recipe through mergekit's own ``run_merge``, hashed tensor by tensor
+    """The merge of one recipe through mergekit (``fapm_merge.merging``), hashed tensor by tensor
     in name order."""
     import yaml
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    import fapm_merge
     from conftest import load_state
+    from fapm_merge.merging import merge
 
-    fapm_merge.register()
-    config = MergeConfiguration.model_validate(yaml.safe_load(RECIPES[name].format(
-        base=tiny_models["base"], ft_a=tiny_models["ft_a"], ft_b=tiny_models["ft_b"])))
-    run_merge(config, str(tmp_path / name), options=MergeOptions(quiet=True))
+    recipe = yaml.safe_load(RECIPES[name].format(
+        base=tiny_models["base"], ft_a=tiny_models["ft_a"], ft_b=tiny_models["ft_b"]))
+    merge(recipe, tmp_path / name, options=MergeOptions(quiet=True))
     state = load_state(tmp_path / name)
     return _digest(*(state[key] for key in sorted(state)))
 

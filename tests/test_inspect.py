@@ -16,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fapm_merge import inspection, kernel
+from fapm_merge import kernel
+from fapm_merge.inspect import stats as inspection
 
 SPARSITY = 0.9
 
@@ -449,7 +450,7 @@ def test_peak_rss_is_a_few_tensors_not_the_model(tmp_path):
     script = textwrap.dedent(
         f"""
         import resource, torch
-        from fapm_merge import inspection
+        from fapm_merge.inspect import stats as inspection
         torch.set_num_threads(1)
         def rss():
             with open("/proc/self/statm") as f:
@@ -478,16 +479,9 @@ def test_peak_rss_is_a_few_tensors_not_the_model(tmp_path):
 
 
 def _merge(recipe: dict, out: Path) -> None:
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
+    from fapm_merge.merging import merge
 
-    import fapm_merge
-
-    fapm_merge.register()
-    config = MergeConfiguration.model_validate(recipe)
-    run_merge(config, str(out), options=MergeOptions(copy_tokenizer=False, write_model_card=False,
-                                                     quiet=True))
+    merge(recipe, out)
 
 
 def test_merge_manifest_from_recipe(models, tmp_path, monkeypatch):

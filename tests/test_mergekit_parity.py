@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import load_state
 
-from fapm_merge.demo import merge
+from fapm_merge.merging import merge
 
 RECIPE = """\
 merge_method: {method}

@@ -43,7 +43,7 @@ def test_recipe_validates_against_real_models(recipe, recipe_workdir, monkeypatc
 def test_recipe_merges_and_loads(recipe, recipe_workdir, monkeypatch, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from fapm_merge.demo import merge
+    from fapm_merge.merging import merge
 
     monkeypatch.chdir(recipe_workdir)
     out = tmp_path / "merged"

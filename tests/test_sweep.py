@@ -110,11 +110,10 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
 def test_every_variant_is_bit_identical_to_mergekit(work, tmp_path, dtype):
     """Each swept point (and the DARE / WiSE / LiNeS baselines) built in memory equals, bit for bit,
     what mergekit writes for the same recipe, including the live model's other tensors."""
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
     from transformers import AutoModelForCausalLM
 
+    from fapm_merge.merging import merge
     from fapm_merge.sweep.engine import InMemorySweep, output_dtype, plan
     from fapm_merge.sweep.variants import (build_variants, dump_recipe, load_sweep_recipe,
                                            variant_recipe)
@@ -146,9 +145,8 @@ def test_every_variant_is_bit_identical_to_mergekit(work, tmp_path, dtype):
             assert all(v == 0.5 for k, v in resolved.items() if "mlp" in k)
             assert all(v == variant.sparsity for k, v in resolved.items() if "mlp" not in k)
         written = tmp_path / variant.name
-        run_merge(MergeConfiguration.model_validate(config), str(written),
-                  options=MergeOptions(quiet=True, write_model_card=False),
-                  config_source=dump_recipe(config))
+        merge(config, written, options=MergeOptions(quiet=True, write_model_card=False),
+              config_source=dump_recipe(config))
         expected = load_state(written)
         ours = engine.state_dict()
         assert set(ours) == set(expected)

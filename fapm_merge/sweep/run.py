@@ -352,24 +352,20 @@ class LowMemoryScorer:
         return ",".join(parts + ([given] if given else []))
 
     def score(self, variant: Variant, config):
-        from mergekit.config import MergeConfiguration
-        from mergekit.merge import run_merge
         from mergekit.options import MergeOptions
 
-        import fapm_merge
+        from fapm_merge.merging import merge
 
         began = time.perf_counter()
         folder = None
         if variant.kind == "reference":
             path = self.recipe.base if variant.reference == "pretrained" else self.recipe.finetuned
         else:
-            fapm_merge.register()
             folder = path = os.path.join(self.scratch, "model")
             shutil.rmtree(folder, ignore_errors=True)
             merge_options = MergeOptions(quiet=True, copy_tokenizer=True, write_model_card=False,
                                          device=self.options.device or "cpu")
-            run_merge(MergeConfiguration.model_validate(config), folder, options=merge_options,
-                      config_source=dump_recipe(config))
+            merge(config, folder, options=merge_options, config_source=dump_recipe(config))
         built = time.perf_counter()
         try:
             batch = self.options.batch_size

@@ -36,7 +36,7 @@ def inspect_command(base, finetuned, sparsity, out_dir, modules, exclude, heatma
     scores, and what FAPM and magnitude pruning each keep at --sparsity (overlap, task-vector
     energy, relative change of the kept part). See docs/inspect.md.
     """
-    from fapm_merge.inspection import InspectError, inspect_models
+    from fapm_merge.inspect.stats import InspectError, inspect_models
 
     base, finetuned = _local(base), _local(finetuned)
     try:

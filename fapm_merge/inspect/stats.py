@@ -635,16 +635,16 @@ def write_outputs(
     """Write the PNGs, ``stats.json`` and ``report.md`` into ``out`` (created if needed)."""
     out.mkdir(parents=True, exist_ok=True)
     if plots:
-        from fapm_merge import inspect_plots
+        from fapm_merge.inspect import plots as drawing
 
         if stats["layers"]:
-            inspect_plots.plot_layers(stats, out / "layers.png")
+            drawing.plot_layers(stats, out / "layers.png")
             stats["plots"].append("layers.png")
-        inspect_plots.plot_tradeoff(stats, out / "tradeoff.png")
+        drawing.plot_tradeoff(stats, out / "tradeoff.png")
         stats["plots"].append("tradeoff.png")
         for name, data in pooled.items():
             file = _file_name(name)
-            inspect_plots.plot_heatmap(name, data, stats["sparsity"], out / file)
+            drawing.plot_heatmap(name, data, stats["sparsity"], out / file)
             stats["heatmaps"].append(
                 {
                     "tensor": name,
@@ -657,6 +657,6 @@ def write_outputs(
     with open(out / "stats.json", "w", encoding="utf-8") as handle:
         json.dump(stats, handle, indent=1, allow_nan=False)
         handle.write("\n")
-    from fapm_merge.inspect_report import render_report
+    from fapm_merge.inspect.report import render_report
 
     (out / "report.md").write_text(render_report(stats, top=top), encoding="utf-8")

@@ -5,7 +5,7 @@
 - ``tradeoff.png``: per tensor, task-vector energy kept vs the mean relative change of the
   kept elements, FAPM and magnitude pruning joined by a segment (the paper's Figure 2 argument);
 - ``heatmap_*.png``: Figure-3-style panels of one matrix (|W_pre|, |dW|, |dW|/|W_pre|, S and
-  the two masks), block-mean pooled (see :func:`fapm_merge.inspection.heatmap_data`).
+  the two masks), block-mean pooled (see :func:`fapm_merge.inspect.stats.heatmap_data`).
 """
 
 from __future__ import annotations

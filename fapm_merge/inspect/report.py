@@ -1,6 +1,6 @@
 """``report.md`` for ``fapm-merge inspect``: markdown tables rendered from the stats document.
 
-Every number comes from ``stats.json`` (see :mod:`fapm_merge.inspection`); nothing here
+Every number comes from ``stats.json`` (see :mod:`fapm_merge.inspect.stats`); nothing here
 computes statistics.
 """
 
