@@ -20,7 +20,6 @@ if TYPE_CHECKING:
 from fapm_merge import __version__
 from fapm_merge.inspect.cli import inspect_command
 from fapm_merge.recipe import RecipeError, check_recipe_file
-from fapm_merge.study.cli import study
 from fapm_merge.sweep.cli import sweep_command
 
 
@@ -235,8 +234,25 @@ def demo(out_dir: str, sparsity: float, seed: int) -> None:
     run_demo(out_dir, sparsity=sparsity, seed=seed)
 
 
+@main.command(add_help_option=False,
+              context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def study(ctx: click.Context) -> None:
+    """Forgetting study on SmolLM2-135M (research code of a source checkout; docs/study/)."""
+    # The study is not part of the plugin: it lives in fapm_study/ beside fapm_merge/ and is
+    # imported only here (a wheel does not ship it).
+    try:
+        from fapm_study.cli import study as command
+    except ImportError:
+        raise click.ClickException(
+            "the forgetting study is research code that lives in the source repository "
+            "(fapm_study/), not in the installed plugin: clone the repository and run "
+            "`make study` (or `pip install -e '.[study]'` there, then `fapm-merge study`)"
+        ) from None
+    command.main(args=ctx.args, prog_name="fapm-merge study", standalone_mode=False)
+
+
 main.add_command(inspect_command)
-main.add_command(study)
 main.add_command(sweep_command)
 
 

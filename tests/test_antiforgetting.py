@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fapm_merge.study.antiforgetting import (
+from fapm_study.antiforgetting import (
     ImportanceRegularizedStep,
     SharpnessAwareStep,
     drift_penalty,
     synaptic_importance,
 )
-from fapm_merge.study.finetune import STRATEGIES, TrainingOptions
+from fapm_study.finetune import STRATEGIES, TrainingOptions
 
 
 def tiny_model(seed=0):

@@ -138,8 +138,9 @@ def test_registration_in_a_fresh_interpreter(code):
     assert result.stdout.split() == ["fapm", "fapm_ties"]
 
 
-def test_wheel_ships_the_hook(tmp_path):
-    """A regular (non-editable) install gets the .pth at the top of site-packages."""
+def test_wheel_ships_the_hook_and_not_the_study(tmp_path):
+    """A regular (non-editable) install gets the .pth at the top of site-packages; the
+    research study (fapm_study/) stays in the repository."""
     result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", tmp_path, ROOT],
         capture_output=True,
@@ -150,6 +151,8 @@ def test_wheel_ships_the_hook(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "fapm_merge_hook.pth" in names
     assert "fapm_merge/_hook.py" in names
+    assert "fapm_merge/inspect/stats.py" in names and "fapm_merge/sweep/engine.py" in names
+    assert not [name for name in names if "study" in name.split("/")[0]]
 
 
 def test_hook_keeps_mergekit_loader_intact():

@@ -39,3 +39,14 @@ def test_run_takes_mergekit_yaml_flags():
     for field in ("out_shard_size", "copy_tokenizer", "lazy_unpickle", "num_threads"):
         assert f"--{field.replace('_', '-')}" in result.output
     assert set(MergeOptions.model_fields) >= {"out_shard_size", "num_threads"}
+
+
+def test_the_plugin_never_imports_the_study():
+    code = ("import sys\nimport fapm_merge.methods, fapm_merge.cli, fapm_merge.sweep.run, "
+            "fapm_merge.inspect.stats, fapm_merge.demo\n"
+            "from fapm_merge.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "assert 'fapm_study' not in sys.modules, 'the plugin imported the study'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

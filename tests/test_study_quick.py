@@ -12,10 +12,10 @@ from dataclasses import replace
 import pytest
 import yaml
 
-from fapm_merge.study import stages
-from fapm_merge.study.config import quick_config
-from fapm_merge.study.finetune import STRATEGIES, StepStrategy, TrainingOptions, register_strategy
-from fapm_merge.study.variants import (
+from fapm_study import stages
+from fapm_study.config import quick_config
+from fapm_study.finetune import STRATEGIES, StepStrategy, TrainingOptions, register_strategy
+from fapm_study.variants import (
     TRAINED,
     Variant,
     finetune_name,
@@ -59,7 +59,7 @@ def test_recipes_differ_from_fapm_by_one_or_two_words(tmp_path):
 def test_code_items_pit_each_solution_against_three_others():
     import random
 
-    from fapm_merge.study.prepare import code_items
+    from fapm_study.prepare import code_items
 
     problems = [{"prompt": f"def f{i}():\n" + "x" * (i % 7),
                  "canonical_solution": f"    return {i}\n"} for i in range(20)]
@@ -75,7 +75,7 @@ def test_code_items_pit_each_solution_against_three_others():
 
 def test_multiple_choice_tasks_join_prompt_and_choice_with_one_space(tmp_path):
     """lm-eval puts ``target_delimiter`` (default " ") before each choice; ours carry it."""
-    from fapm_merge.study.prepare import build_items, synthetic_sources, write_tasks
+    from fapm_study.prepare import build_items, synthetic_sources, write_tasks
 
     counts = quick_config().counts
     items = build_items(synthetic_sources(counts.general, counts.train + counts.test), counts)
@@ -100,8 +100,8 @@ def test_changed_setting_invalidates_a_stage(tmp_path):
 
 def test_training_strategy_hook(tmp_path):
     """A registered StepStrategy is what the fine-tune stage calls (the SAM / regularizer hook)."""
-    from fapm_merge.study.finetune import finetune
-    from fapm_merge.study.prepare import build_tiny_model
+    from fapm_study.finetune import finetune
+    from fapm_study.prepare import build_tiny_model
 
     calls = {"prepare": 0, "penalty": 0}
 
@@ -130,7 +130,7 @@ def test_training_strategy_hook(tmp_path):
 
 def test_quick_study_end_to_end_and_resume(tmp_path):
     pytest.importorskip("lm_eval")
-    from fapm_merge.study import run_study
+    from fapm_study import run_study
 
     paths = dict(work_dir=tmp_path / "work", cache_dir=tmp_path / "cache",
                  out_dir=tmp_path / "report")
@@ -213,7 +213,7 @@ def data_model(tmp_path):
 
 
 def test_fine_tune_cost_is_compared_within_a_seed():
-    from fapm_merge.study.report import _costs_by_strategy
+    from fapm_study.report import _costs_by_strategy
 
     costs = {  # seed 1 ran twice as fast (other threads), the ratios still agree
         "full_sft": {"strategy": "standard", "wall_s": 200.0, "peak_rss_gb": 3.0},

@@ -15,7 +15,7 @@ from typing import Dict, List, Sequence
 
 import yaml
 
-from fapm_merge.study.prepare import DOWNSTREAM, GENERAL, PERPLEXITY
+from fapm_study.prepare import DOWNSTREAM, GENERAL, PERPLEXITY
 
 
 def task_specs():

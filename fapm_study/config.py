@@ -2,7 +2,7 @@
 
 All counts and sweep points live here, so the README's numbers can be checked against one
 place. Every stage hashes the part of these settings it depends on (see
-:mod:`fapm_merge.study.stages`), so editing a value reruns exactly what it affects.
+:mod:`fapm_study.stages`), so editing a value reruns exactly what it affects.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Tuple
 
-from fapm_merge.study.finetune import TrainingOptions
+from fapm_study.finetune import TrainingOptions
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class Sweeps:
 
 @dataclass(frozen=True)
 class TrainingMethods:
-    """Training-time anti-forgetting methods (fapm_merge/study/antiforgetting.py).
+    """Training-time anti-forgetting methods (fapm_study/antiforgetting.py).
 
     Each is a fine-tune of its own with the same data, steps and optimizer as full SFT, then
     evaluated alone and with FAPM at ``fapm_sparsities``. The knobs are not tuned.

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from fapm_merge.study import stages
-from fapm_merge.study.config import StudyConfig, full_config, quick_config
+from fapm_study import stages
+from fapm_study.config import StudyConfig, full_config, quick_config
 from fapm_merge.sweep.variants import dump_recipe
 
 DEFAULT_CACHE = Path(os.environ.get("FAPM_STUDY_CACHE", Path.home() / ".cache/fapm-merge/study"))
@@ -51,7 +51,7 @@ def _evaluate_stage(name, folder, digest, score, recipe, timings):
     """Score one training-time model (``score()`` -> build s, eval s, scores) unless a finished
     result with the same digest exists; the recipe (None for a fine-tune itself) is written
     beside it."""
-    from fapm_merge.study.evaluate import save_scores
+    from fapm_study.evaluate import save_scores
 
     scores_path = folder / "scores.json"
     if stages.is_done(folder, digest):
@@ -70,8 +70,8 @@ def _evaluate_stage(name, folder, digest, score, recipe, timings):
 def _main_sweep(config, prepared, finetuned, work_dir, timings):
     """The main fine-tune's references and post-hoc variants: one ``fapm-merge sweep`` run
     (resumable through its results.json). Returns (scores by study name, recipes by name)."""
-    from fapm_merge.study import variants
-    from fapm_merge.study.evaluate import study_scores, sweep_options, write_pair_recipe
+    from fapm_study import variants
+    from fapm_study.evaluate import study_scores, sweep_options, write_pair_recipe
     from fapm_merge.sweep.run import run_sweep
 
     sweeps = config.sweeps
@@ -131,9 +131,9 @@ def run_study(
     import torch
     from tqdm import tqdm
 
-    from fapm_merge.study import report, variants
-    from fapm_merge.study.finetune import finetune
-    from fapm_merge.study.prepare import prepare
+    from fapm_study import report, variants
+    from fapm_study.finetune import finetune
+    from fapm_study.prepare import prepare
 
     config = config or (quick_config() if quick else full_config())
     mode = "quick" if config.quick else "full"
@@ -180,8 +180,8 @@ def run_study(
     # evaluated alone and with FAPM, every one (full SFT included) at each training seed.
     from dataclasses import replace
 
-    from fapm_merge.study import antiforgetting  # noqa: F401  (registers the strategies)
-    from fapm_merge.study.evaluate import FineTuneScorer, write_pair_recipe
+    from fapm_study import antiforgetting  # noqa: F401  (registers the strategies)
+    from fapm_study.evaluate import FineTuneScorer, write_pair_recipe
     from fapm_merge.sweep.variants import load_sweep_recipe, variant_recipe
 
     methods = config.training_methods

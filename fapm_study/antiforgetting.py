@@ -32,7 +32,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from fapm_merge.study.finetune import StepStrategy, register_strategy
+from fapm_study.finetune import StepStrategy, register_strategy
 
 
 @register_strategy("sam")
