@@ -307,7 +307,11 @@ def score_task_vector(
     score: str = "fapm",
     generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
-    """Dispatch to one of :data:`SCORES`; unchanged elements always score ``-inf``."""
+    """Scores of one tensor pair: float32, ``base``'s shape; higher is kept first.
+
+    Dispatches to :func:`forgetting_score`, :func:`magnitude_score`, :func:`relative_score`
+    or :func:`random_score` (``generator`` only for ``random``); unchanged elements always
+    score ``-inf``. An unknown name raises ``ValueError`` listing :data:`SCORES`."""
     if score == "random":
         return random_score(base, finetuned, generator)
     functions: Dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -552,10 +556,17 @@ def prune_mask(
 ) -> torch.Tensor:
     """Boolean mask (``base``'s shape) of the task-vector elements that are kept.
 
+    Args:
+        base, finetuned: ``W_pre`` and ``W_ft``, same shape, any floating dtype and device.
+        sparsity: in [0, 1], the fraction of the task vector pruned (:func:`kept_count`).
+        score: one of :data:`SCORES`; ``fapm`` takes the fused pass where it applies.
+        generator: the random source of ``score="random"`` (ignored otherwise).
+
     Exactly ``min(kept_count(n, sparsity), number of elements with dW != 0)`` are ``True``:
-    elements that did not change never use up the budget. The one exception is sparsity 0,
-    which keeps every element (no scoring at all), so the output is ``W_ft`` bit for bit
-    (``-0.0`` included).
+    elements that did not change never use up the budget; ties at the threshold go to the
+    lowest flat indices (:func:`keep_top_k`). The one exception is sparsity 0, which keeps
+    every element (no scoring at all), so the output is ``W_ft`` bit for bit (``-0.0``
+    included). Raises :class:`NonFiniteWeightsError` for NaN / inf inputs.
     """
     n = base.numel()
     k = kept_count(n, sparsity)
@@ -594,7 +605,8 @@ def fapm_prune(
     base: torch.Tensor, finetuned: torch.Tensor, sparsity: float = 0.9, score: str = "fapm"
 ) -> torch.Tensor:
     """``W_pre + dW_kept`` for one fine-tune: kept elements are bit-equal to ``finetuned``,
-    pruned ones bit-equal to ``base``; dtype and device of ``base``."""
+    pruned ones bit-equal to ``base``; dtype and device of ``base``. Arguments as in
+    :func:`prune_mask`; sparsity 0 gives ``finetuned`` and sparsity 1 ``base`` back."""
     return _pruned(base, finetuned, sparsity, score, None)
 
 
@@ -621,7 +633,11 @@ def rescale_factor(
 
 
 def elect_signs(deltas: torch.Tensor, consensus: str = "sum") -> torch.Tensor:
-    """TIES sign election over stacked weighted task vectors ``[models, *shape]``.
+    """TIES sign election over stacked weighted task vectors.
+
+    Args:
+        deltas: ``[models, *shape]``, floating (the kernel passes float32).
+        consensus: ``sum`` or ``count`` (:data:`CONSENSUS`).
 
     Returns a boolean mask, same shape, of the entries whose sign agrees with the elected one:
     the sign of the summed deltas (``sum``) or of the summed signs (``count``); a tie elects
@@ -664,6 +680,17 @@ def merge_task_vectors(
     generators: Optional[Sequence[Optional[torch.Generator]]] = None,
 ) -> torch.Tensor:
     """Prune each task vector with its own mask, weight, (optionally) elect signs, sum.
+
+    Args:
+        base: ``W_pre``, any floating dtype and device; the result has its dtype and device.
+        finetuned: the fine-tunes' tensors, each of ``base``'s shape (an empty list returns
+            ``base``).
+        sparsity, weight: one value per fine-tune.
+        score, rescale, consensus: one of :data:`SCORES`, :data:`RESCALES`, and None (task
+            arithmetic) or one of :data:`CONSENSUS` (TIES).
+        normalize: divide by the summed weights (of the agreeing models under TIES).
+        scale: mergekit's ``lambda``, applied to the merged task vector.
+        generators: per fine-tune, the random source of ``score="random"``.
 
     ``W_pre + scale * sum_i w_i r_i (m_i * dW_i) / divisor`` where ``m_i`` is the mask from
     :func:`prune_mask`, ``r_i`` the :func:`rescale_factor`, and ``divisor`` the summed weights
