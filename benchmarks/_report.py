@@ -6,6 +6,7 @@ between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` with its own freshly m
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shlex
@@ -34,7 +35,7 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _ram_gb() -> float:
+def ram_gb() -> float:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):
@@ -69,7 +70,7 @@ def machine(device: str) -> Dict[str, object]:
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "nproc": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "ram_gb": round(_ram_gb(), 1),
+        "ram_gb": round(ram_gb(), 1),
         "cpu": _cpu_model(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -116,3 +117,16 @@ def update_doc(doc: Path, section: str, table: str, meta: Dict[str, object]) -> 
         text = text.rstrip("\n") + ("\n\n" if text else "") + block + "\n"
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)
+
+
+def publish(out_dir: Path, name: str, result: dict, table: str, meta: Dict[str, object],
+            doc: "Path | None" = None) -> None:
+    """Write ``NAME.json`` and ``NAME.md`` into ``out_dir``, update ``doc``'s ``NAME``
+    section (when given), print the table and where the results went."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / f"{name}.md").write_text(table)
+    if doc is not None:
+        update_doc(doc, name, table, meta)
+    print(table)
+    print(f"results: {out_dir / (name + '.json')}")

@@ -384,18 +384,55 @@ class Run:
     peak_rss_bytes: int
     read_bytes: int = 0  # from storage (page-cache misses), getrusage's ru_inblock
     write_bytes: int = 0
+    failed: str = ""  # why the run did not finish (the memory limit), else empty
 
 
-def run_child(command: List[str], log: Path) -> Tuple[float, "os.struct_rusage"]:
-    """Run ``command``, wait for it with ``os.wait4``; (wall seconds, its resource usage)."""
+class OverMemory(RuntimeError):
+    """A child stopped by the benchmark's memory limit (so that it cannot take the machine
+    down with it); the run is recorded as failed, the benchmark goes on."""
+
+
+def _resident_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            line = next((row for row in handle if row.startswith("VmRSS:")), "VmRSS: 0 kB")
+        return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return 0
+
+
+def run_child(command: List[str], log: Path,
+              memory_limit: int = 0) -> Tuple[float, "os.struct_rusage"]:
+    """Run ``command``, wait for it with ``os.wait4``; (wall seconds, its resource usage).
+
+    ``memory_limit`` (bytes, 0: none): the child is killed once its resident memory passes
+    it, and :class:`OverMemory` is raised."""
+    import threading
+
     env = dict(os.environ)
     env.setdefault("TQDM_DISABLE", "1")
+    stopped = threading.Event()
+    killed = []
+
+    def watch(pid: int) -> None:
+        while not stopped.wait(0.2):
+            if _resident_bytes(pid) > memory_limit:
+                killed.append(True)
+                os.kill(pid, 9)
+                return
+
     with open(log, "w") as out:
         start = time.perf_counter()
         child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        watcher = threading.Thread(target=watch, args=(child.pid,), daemon=True)
+        if memory_limit:
+            watcher.start()
         _, status, usage = os.wait4(child.pid, 0)
         wall = time.perf_counter() - start
+        stopped.set()
     child.returncode = os.waitstatus_to_exitcode(status)
+    if killed:
+        raise OverMemory(f"over the {memory_limit / 1e9:.1f} GB memory limit after {wall:.0f} s")
     if child.returncode != 0:
         tail = log.read_text()[-3000:]
         raise RuntimeError(f"{' '.join(command)} failed ({child.returncode}):\n{tail}")
@@ -427,7 +464,7 @@ def check_output(out: Path) -> None:
 
 def run_all(
     methods: Sequence[str], base: Path, ft, rounds: int, shard_bytes: int, device: str,
-    work: Path, jobs: int = 1, label: str = "",
+    work: Path, jobs: int = 1, label: str = "", memory_limit: int = 0,
 ) -> List[Run]:
     """Every method (and the floor) once per round, order rotated per round; all the runs.
 
@@ -449,7 +486,14 @@ def run_all(
                        str(base), *map(str, fine_tunes)]
         else:
             command = mergekit_command(work / f"{method}.yml", out, shard_bytes, device)
-        wall, usage = run_child(command, work / f"{method}.log")
+        try:
+            wall, usage = run_child(command, work / f"{method}.log", memory_limit)
+        except OverMemory as error:
+            shutil.rmtree(out, ignore_errors=True)
+            progress.update()
+            tqdm.write(f"{method}: {error}")
+            return Run(method, r, math.nan, math.nan, math.nan, math.nan, memory_limit,
+                       failed=str(error))
         check_output(out)
         shutil.rmtree(out, ignore_errors=True)
         progress.update()
@@ -475,7 +519,11 @@ def summarize(runs: Sequence[Run]) -> Dict[str, Dict[str, float]]:
     methods = list(dict.fromkeys(run.method for run in runs))
     med: Dict[str, Dict[str, float]] = {}
     for method in methods:
-        mine = [run for run in runs if run.method == method]
+        mine = [run for run in runs if run.method == method and not run.failed]
+        if not mine:
+            failed = next(run.failed for run in runs if run.method == method)
+            med[method] = {"failed": failed, "rounds": 0}
+            continue
         med[method] = {
             "wall_s": statistics.median(r.wall_s for r in mine),
             "cpu_s": statistics.median(r.cpu_s for r in mine),
@@ -488,7 +536,7 @@ def summarize(runs: Sequence[Run]) -> Dict[str, Dict[str, float]]:
     for method in methods:
         row = med[method]
         for ref, tag in ((REFERENCE, "ta"), (FLOOR, "floor")):
-            if ref in med:
+            if ref in med and "failed" not in med[ref] and "failed" not in row:
                 row[f"wall_vs_{tag}"] = row["wall_s"] / med[ref]["wall_s"]
                 row[f"cpu_vs_{tag}"] = row["cpu_s"] / med[ref]["cpu_s"]
                 row[f"rss_vs_{tag}"] = row["peak_rss_gb"] / med[ref]["peak_rss_gb"]
@@ -498,11 +546,11 @@ def summarize(runs: Sequence[Run]) -> Dict[str, Dict[str, float]]:
 def targets(med: Dict[str, Dict[str, float]]) -> Dict[str, bool]:
     """The issue's targets, checked on the medians (only where the methods ran)."""
     result: Dict[str, bool] = {}
-    if "fapm" in med and REFERENCE in med:
+    if "fapm" in med and REFERENCE in med and "wall_vs_ta" in med["fapm"]:
         result["fapm wall <= 1.5x task_arithmetic"] = med["fapm"]["wall_vs_ta"] <= 1.5
         result["fapm peak RSS <= 1.10x task_arithmetic"] = med["fapm"]["rss_vs_ta"] <= 1.10
         for other in SPARSIFIERS:
-            if other in med:
+            if other in med and "wall_s" in med[other]:
                 result[f"fapm faster than {other}"] = med["fapm"]["wall_s"] < med[other]["wall_s"]
     return result
 
@@ -519,6 +567,9 @@ def markdown(med: Dict[str, Dict[str, float]], checks: Dict[str, bool], meta: di
         "|---|---|---|---|---|---|---|---|",
     ]
     for method, row in med.items():
+        if "failed" in row:
+            lines.append(f"| `{method}` | stopped: {row['failed']} |" + " |" * 6)
+            continue
         lines.append(
             f"| `{method}` | {row['wall_s']:.1f} | {row['cpu_s']:.1f} ({row['sys_s']:.1f}) "
             f"| {row['peak_rss_gb']:.2f} | {row.get('wall_vs_ta', float('nan')):.2f} "
@@ -560,8 +611,11 @@ def growth(points: Dict[int, Dict[str, Dict[str, float]]], extrapolate: Optional
     fits: Dict[str, Dict[str, object]] = {}
     for method in methods:
         row: Dict[str, object] = {}
+        done = [x for x in xs if "failed" not in points[x].get(method, {"failed": ""})]
+        if len(done) < 2:
+            continue  # nothing to fit: the method did not finish at two points
         for metric in ("wall_s", "peak_rss_gb"):
-            fit = fit_line(xs, [points[x][method][metric] for x in xs])
+            fit = fit_line(done, [points[x][method][metric] for x in done])
             if extrapolate is not None:
                 fit["at_" + str(extrapolate)] = fit["intercept"] + fit["slope"] * extrapolate
             row[metric] = fit
@@ -575,6 +629,9 @@ def scaling_targets(kind: str, points, fits, full_layers: int = 0) -> Dict[str, 
     checks: Dict[str, bool] = {}
     for x, med in sorted(points.items()):
         tag = f"{x} layer(s)" if kind == "layers" else f"{x} fine-tune(s)"
+        if any("failed" in med.get(m, {}) for m in ("fapm", REFERENCE, FLOOR)):
+            checks[f"{tag}: fapm, task_arithmetic and the floor finish"] = False
+            continue
         if kind == "layers" and x == full_layers and "fapm" in med and REFERENCE in med:
             checks[f"{tag} (full size): fapm peak RSS < 4 GB"] = med["fapm"]["peak_rss_gb"] < 4.0
             checks[f"{tag} (full size): fapm wall <= 1.1x task_arithmetic"] = (
@@ -584,10 +641,14 @@ def scaling_targets(kind: str, points, fits, full_layers: int = 0) -> Dict[str, 
             checks[f"{tag}: fapm wall <= 1.2x I/O floor"] = med["fapm"]["wall_vs_floor"] <= 1.2
             checks[f"{tag}: fapm peak RSS <= 1.1x task_arithmetic"] = med["fapm"]["rss_vs_ta"] <= 1.1
         if kind == "fine_tunes" and "fapm_ties" in med and "ties" in med:
-            checks[f"{tag}: fapm_ties wall <= 1.0x ties"] = (
-                med["fapm_ties"]["wall_s"] <= med["ties"]["wall_s"])
+            ours, theirs = med["fapm_ties"], med["ties"]
+            if "failed" in ours or "failed" in theirs:  # the one that finished wins
+                note = " (ties stopped at the memory limit)" if "failed" in theirs else ""
+                checks[f"{tag}: fapm_ties finishes where ties does{note}"] = "failed" not in ours
+                continue
+            checks[f"{tag}: fapm_ties wall <= 1.0x ties"] = ours["wall_s"] <= theirs["wall_s"]
             checks[f"{tag}: fapm_ties peak RSS <= 1.0x ties"] = (
-                med["fapm_ties"]["peak_rss_gb"] <= med["ties"]["peak_rss_gb"])
+                ours["peak_rss_gb"] <= theirs["peak_rss_gb"])
     if kind == "layers" and "fapm" in fits and len(points) > 2:
         fit = fits["fapm"]["peak_rss_gb"]
         checks["fapm peak RSS does not grow with layers (|slope| <= 2 standard errors)"] = (
@@ -610,6 +671,9 @@ def scaling_markdown(kind: str, points, fits, checks, meta) -> str:
     ]
     for x, med in sorted(points.items()):
         for method, row in med.items():
+            if "failed" in row:
+                lines.append(f"| {x} | `{method}` | stopped: {row['failed']} |" + " |" * 7)
+                continue
             lines.append(
                 f"| {x} | `{method}` | {row['wall_s']:.1f} | {row['cpu_s']:.1f} "
                 f"| {row['peak_rss_gb']:.2f} | {row['read_gb']:.2f} | {row['written_gb']:.2f} "
@@ -651,8 +715,9 @@ def plot_growth(kind: str, points, path: Path) -> None:
     xs = sorted(points)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for method in points[xs[0]]:
+        done = [x for x in xs if "failed" not in points[x].get(method, {"failed": ""})]
         for axis, metric in zip(axes, ("wall_s", "peak_rss_gb")):
-            axis.plot(xs, [points[x][method][metric] for x in xs], marker="o", label=method)
+            axis.plot(done, [points[x][method][metric] for x in done], marker="o", label=method)
     label = "layers" if kind == "layers" else "fine-tunes merged"
     for axis, title in zip(axes, ("wall time (s)", "peak RSS (GB)")):
         axis.set_xlabel(label)
@@ -706,7 +771,8 @@ def scaling_main(args, shape: ModelShape, argv) -> int:
                 else:
                     inputs = (base, fts[:count])
                 runs = run_all(methods, inputs[0], inputs[1], rounds, shard_bytes, args.device,
-                               work, jobs, label=f" ({count} {kind.replace('_', '-')})")
+                               work, jobs, label=f" ({count} {kind.replace('_', '-')})",
+                               memory_limit=int(args.memory_limit_gb * 1e9))
                 points[count] = summarize(runs)
                 all_runs += [dict(asdict(r), count=count) for r in runs]
             if args.delete_after:
@@ -732,12 +798,7 @@ def scaling_main(args, shape: ModelShape, argv) -> int:
             table += f"\n![wall and peak RSS, {stem}](benchmarks/{stem}.png)\n"
         result = {"meta": meta, "points": {str(x): med for x, med in points.items()},
                   "growth": fits, "targets": checks, "runs": all_runs}
-        (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-        (out_dir / f"{stem}.md").write_text(table)
-        if doc is not None:
-            _report.update_doc(doc, stem, table, meta)
-        print(table)
-        print(f"results: {out_dir / (stem + '.json')}")
+        _report.publish(out_dir, stem, result, table, meta, doc)
     return 0
 
 
@@ -769,6 +830,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "fine-tunes (e.g. 1,2,4,8) of a --fine-tune-layers slice of --shape")
     parser.add_argument("--fine-tune-layers", type=int, default=1,
                         help="layers of the slice --fine-tunes merges (default 1)")
+    parser.add_argument("--memory-limit-gb", type=float, default=0.8 * _report.ram_gb(),
+                        help="stop a merge whose resident memory passes this (default: 80%% of "
+                        "RAM) and record it as stopped, so one method cannot take the machine")
     parser.add_argument("--delete-after", action="store_true", help="delete the generated "
                         "models after a scaling run (a full-size pair is 32 GB)")
     parser.add_argument("--floor-worker", nargs="+", metavar="OUT BYTES BASE FT",
@@ -798,7 +862,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fapm-bench-", dir=args.cache) as tmp:
         jobs = args.jobs or (2 if args.quick else 1)
         methods = args.methods or list(PAIR_METHODS)
-        runs = run_all(methods, base, ft, rounds, shard_bytes, args.device, Path(tmp), jobs)
+        runs = run_all(methods, base, ft, rounds, shard_bytes, args.device, Path(tmp), jobs,
+                       memory_limit=int(args.memory_limit_gb * 1e9))
     med = summarize(runs)
     checks = targets(med)
     meta = {
@@ -815,13 +880,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     meta["command"] = _report.command_line(sys.argv if argv is None else ["benchmarks/bench_merge.py", *argv])
     table = markdown(med, checks, meta)
     result = {"meta": meta, "medians": med, "targets": checks, "runs": [asdict(r) for r in runs]}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "merge.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out_dir / "merge.md").write_text(table)
-    if doc is not None:
-        _report.update_doc(doc, "merge", table, meta)
-    print(table)
-    print(f"results: {out_dir / 'merge.json'}")
+    _report.publish(out_dir, "merge", result, table, meta, doc)
     return 0
 
 

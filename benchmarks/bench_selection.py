@@ -293,19 +293,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     table = markdown(rows, checks, meta)
     out_dir = args.out or (_report.default_cache() / "quick-results" if args.quick
                            else REPO / "docs" / "benchmarks")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "selection.json").write_text(
-        json.dumps({"meta": meta, "runs": rows, "exactness": checks}, indent=2) + "\n"
-    )
-    (out_dir / "selection.md").write_text(table)
     doc = None
     if not args.no_doc:
         doc = args.doc or (None if args.quick or args.device != "cpu"
                            else REPO / "docs" / "benchmarks.md")
-    if doc is not None:
-        _report.update_doc(doc, "selection", table, meta)
-    print(table)
-    print(f"results: {out_dir / 'selection.json'}")
+    _report.publish(out_dir, "selection", {"meta": meta, "runs": rows, "exactness": checks},
+                    table, meta, doc)
     return 0
 
 

@@ -113,12 +113,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     table = markdown(parts)
     out_dir = args.out or (args.cache / "quick-results" if args.quick else REPO / "docs" / "benchmarks")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "profile.json").write_text(json.dumps({"meta": meta, "parts": parts}, indent=2) + "\n")
-    (out_dir / "profile.md").write_text(table)
-    if not args.no_doc and not args.quick:
-        _report.update_doc(REPO / "docs" / "benchmarks.md", "profile", table, meta)
-    print(table)
+    doc = None if args.no_doc or args.quick else REPO / "docs" / "benchmarks.md"
+    _report.publish(out_dir, "profile", {"meta": meta, "parts": parts}, table, meta, doc)
     return 0
 
 
