@@ -93,17 +93,23 @@ def train(model, batches, steps: int, lr: float, seed: int) -> None:
     model.eval()
 
 
-def tokenizer():
-    """A word-level tokenizer for the demo's tokens: ``A``, ``B`` and the numbers."""
+def word_tokenizer(words):
+    """A whitespace word-level tokenizer: ``<eos>`` (id 0; also bos, pad and unknown), then
+    ``words`` in order (ids 1, 2, ...). What the demo and the tests' tiny models speak."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<eos>": EOS, "A": MARK_TASK, "B": MARK_OTHER}
-    vocab.update({str(n): 3 + n for n in range(NUMBERS)})
+    vocab = {"<eos>": 0, **{word: index + 1 for index, word in enumerate(words)}}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>",
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<eos>", eos_token="<eos>",
                                    pad_token="<eos>", unk_token="<eos>")
+
+
+def tokenizer():
+    """The demo's tokens: ``A`` (id 1), ``B`` (2) and the numbers (3 + n)."""
+    assert (EOS, MARK_TASK, MARK_OTHER) == (0, 1, 2)
+    return word_tokenizer(["A", "B"] + [str(n) for n in range(NUMBERS)])
 
 
 def build_pair(out_dir: str, seed: int = 0) -> Tuple[str, str]:

@@ -16,24 +16,9 @@ import yaml
 from click.testing import CliRunner
 
 from conftest import fine_tune_of, load_state, run_tool, save_model
+from fapm_merge.demo import word_tokenizer
 
 WORDS = "the cat dog sat ran on mat red blue green one two three four yes no".split()
-
-
-def _tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    corpus = [" ".join(random.Random(i).choices(WORDS, k=8)) for i in range(200)]
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    core.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|endoftext|>",
-                                   eos_token="<|endoftext|>", unk_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>")
 
 
 def write_task(folder: Path, name: str, count: int = 24, metrics=("acc", "acc_norm")) -> None:
@@ -55,7 +40,7 @@ def write_task(folder: Path, name: str, count: int = 24, metrics=("acc", "acc_no
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
-    tokenizer = _tokenizer()
+    tokenizer = word_tokenizer(WORDS)
     base = save_model(root / "base", vocab_size=len(tokenizer), intermediate_size=2112,
                       num_hidden_layers=2, max_position_embeddings=64)
     tokenizer.save_pretrained(base)
