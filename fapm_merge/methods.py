@@ -116,14 +116,56 @@ def _non_finite(group: TensorGroup) -> str:
     return f"NaN or infinite values in {where}; repair or re-save that checkpoint"
 
 
+class LowRankMerge(GroupMergeMethod):
+    """The rivals FAPM is measured against: each task vector reduced to a low rank, then
+    summed with its weight (``spectral``: the Gavish-Donoho threshold picks the rank per
+    tensor; ``lowrank``: a fixed ``rank``). The numerics are :mod:`fapm_merge.spectral`."""
+
+    def __init__(self, name: str, pretty_name: str, fixed_rank: bool):
+        self.fixed_rank = fixed_rank
+        parameters = [ParameterSpec("weight", float, ParameterScope.NON_BASE, default=1.0)]
+        if fixed_rank:
+            parameters.append(ParameterSpec("rank", Annotated[int, Field(ge=1)],
+                                            ParameterScope.SHARED, default=16))
+        self.spec = MergeMethodSpec(
+            name=name,
+            pretty_name=pretty_name,
+            reference_url=SPECTRAL_URL,
+            parameters=tuple(parameters),
+            contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=1),
+        )
+
+    def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
+        from fapm_merge import spectral
+
+        base = group.base.tensor
+        rank = parameters["rank"] if self.fixed_rank else None
+        total = None
+        try:
+            for entry in group.non_base:
+                reduced = spectral.truncate_task_vector(base, entry.tensor, rank)
+                reduced.mul_(parameters["weight"][entry.id])
+                total = reduced if total is None else total.add_(reduced)
+        except ValueError:
+            name = group.metadata.name or "<unnamed tensor>"
+            raise kernel.NonFiniteWeightsError(
+                f"{self.spec.name}: tensor {name}: {_non_finite(group)}") from None
+        return total.add_(base.to(total.dtype)).to(base.dtype)
+
+
+SPECTRAL_URL = "https://arxiv.org/abs/2605.20296"
+
 METHODS = (
     FapmMerge("fapm", "FAPM (Forgetting-Aware Pruning Metric)", consensus=False),
     FapmMerge("fapm_ties", "FAPM + TIES sign consensus", consensus=True),
+    LowRankMerge("spectral", "Spectral repair (Gavish-Donoho hard threshold)", fixed_rank=False),
+    LowRankMerge("lowrank", "Low-rank task vector (truncated SVD)", fixed_rank=True),
 )
 
 
 def register_methods() -> None:
-    """Make ``fapm`` and ``fapm_ties`` available to mergekit by name; safe to call again."""
+    """Make ``fapm``, ``fapm_ties``, ``spectral`` and ``lowrank`` available to mergekit by
+    name; safe to call again."""
     known = {method.spec.name for method in registry.registered_methods()}
     for method in METHODS:
         if method.spec.name not in known:

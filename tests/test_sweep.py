@@ -111,7 +111,8 @@ def test_every_variant_is_bit_identical_to_mergekit(work, tmp_path, dtype):
     # 0 and 1 are the kernel's special cases; 0.9 / 0.99 take FAPM's fused path on the
     # tensors above 65,536 elements, 0.5 its general path
     variants = build_variants(recipe, [0.0, 0.5, 0.9, 0.99, 1.0], ["fapm", "magnitude"],
-                              wise=[0.25], dare_seeds=[0], lines=[0.25])
+                              wise=[0.25], dare_seeds=[0], lines=[0.25], spectral=True,
+                              lowrank=[2])
     variants = [v for v in variants if v.kind != "dare" or v.sparsity == 0.9]
     assert [v.name for v in variants if v.kind == "lines"] == ["lines-0.25"]
     if dtype == "bfloat16":  # magnitude's path is the general one, covered in float32
@@ -215,13 +216,13 @@ def test_sweep_writes_results_and_resumes_only_new_points(work):
 
 
 def test_extra_tasks_are_scored_but_not_in_the_figures(work):
-    sweep(work, "--sparsity", "0.9", "--lines", "0.5", out="extra",
+    sweep(work, "--sparsity", "0.9", "--lines", "0.5", "--spectral", "--lowrank", "2", out="extra",
           tasks=["--task-tasks", "sw_task", "--general-tasks", "sw_general",
                  "--extra-tasks", "sw_general2:acc"])
     data = json.loads((work / "extra" / "results.json").read_text())
     assert data["tasks"]["extra"] == [{"task": "sw_general2", "metric": "acc,none"}]
     assert [data["variants"][k]["name"] for k in data["current"]] == [
-        "pretrained", "finetuned", "fapm-0.9", "lines-0.5"]
+        "pretrained", "finetuned", "fapm-0.9", "lines-0.5", "spectral", "lowrank-2"]
     for entry in data["variants"].values():
         assert entry["scores"]["sw_general2"]["n"] == 12
         # the general average is sw_general's alone
@@ -229,6 +230,9 @@ def test_extra_tasks_are_scored_but_not_in_the_figures(work):
     lines = next(e for e in data["variants"].values() if e["name"] == "lines-0.5")
     assert lines["recipe"]["merge_method"] == "task_arithmetic"
     assert lines["recipe"]["models"][0]["parameters"]["weight"] == [0.5, 1.0]
+    lowrank = next(e for e in data["variants"].values() if e["name"] == "lowrank-2")
+    assert lowrank["recipe"]["merge_method"] == "lowrank"
+    assert lowrank["recipe"]["parameters"] == {"rank": 2}
     report = (work / "extra" / "results.md").read_text()
     assert "| sw_general2 |" in report and "Also scored" in report
 

@@ -25,6 +25,19 @@ def _command_line() -> list:
     return line
 
 
+def _integers(text: str, option: str) -> list:
+    from fapm_merge.sweep.variants import SweepInputError
+
+    values = []
+    for part in (p.strip() for p in text.split(",")):
+        if part:
+            try:
+                values.append(int(part))
+            except ValueError:
+                raise SweepInputError(f"{option}: {part!r} is not an integer") from None
+    return values
+
+
 @click.command("sweep")
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
@@ -50,6 +63,12 @@ def _command_line() -> list:
 @click.option("--lines", default="",
               help="LiNeS-style baselines (task_arithmetic, the change scaled from this weight "
                    "at the first layer to 1 at the last), e.g. 0,0.25,0.5.")
+@click.option("--spectral", is_flag=True,
+              help="Spectral-repair baseline: each 2-D task vector reduced to the rank the "
+                   "Gavish-Donoho hard threshold chooses (merge_method spectral).")
+@click.option("--lowrank", default="",
+              help="Low-rank baselines: the task vector truncated to these ranks, e.g. "
+                   "8,32,128 (merge_method lowrank).")
 @click.option("--dare-seeds", default="",
               help="DARE baselines (score random, rescale density) at every --sparsity, one "
                    "per seed, e.g. 0,1,2.")
@@ -75,7 +94,8 @@ def _command_line() -> list:
               help="Discard results in OUT_DIR that come from a different recipe or models.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def sweep_command(recipe, out_dir, sparsity, score, task_tasks, general_tasks, extra_tasks,
-                  include_path, limit, num_fewshot, wise, lines, dare_seeds, min_retention, device, batch_size,
+                  include_path, limit, num_fewshot, wise, lines, spectral, lowrank, dare_seeds,
+                  min_retention, device, batch_size,
                   model_args, low_memory, backend, tokenizer, bootstrap_iters, force, quiet):
     """Score FAPM variants of RECIPE (base + one fine-tune) on your lm-eval tasks.
 
@@ -89,13 +109,9 @@ def sweep_command(recipe, out_dir, sparsity, score, task_tasks, general_tasks, e
     try:
         if limit is not None and limit <= 0:
             raise SweepInputError("--limit: a positive number of items (or a fraction < 1)")
-        seeds = []
-        for part in (p.strip() for p in dare_seeds.split(",")):
-            if part:
-                try:
-                    seeds.append(int(part))
-                except ValueError:
-                    raise SweepInputError(f"--dare-seeds: {part!r} is not an integer") from None
+        seeds, ranks = _integers(dare_seeds, "--dare-seeds"), _integers(lowrank, "--lowrank")
+        if any(rank < 1 for rank in ranks):
+            raise SweepInputError("--lowrank: ranks are positive integers")
         from fapm_merge.sweep.run import SweepOptions, run_sweep
 
         options = SweepOptions(
@@ -108,7 +124,7 @@ def sweep_command(recipe, out_dir, sparsity, score, task_tasks, general_tasks, e
             include_path=include_path,
             limit=int(limit) if limit is not None and limit >= 1 else limit,
             num_fewshot=num_fewshot, wise=parse_fractions(wise, "--wise"), dare_seeds=seeds,
-            lines=parse_fractions(lines, "--lines"),
+            lines=parse_fractions(lines, "--lines"), spectral=spectral, lowrank=ranks,
             min_retention=min_retention, device=device, batch_size=batch_size,
             model_args=model_args, low_memory=low_memory, backend=backend, force=force,
             bootstrap_iters=bootstrap_iters, tokenizer=tokenizer, command=_command_line(),

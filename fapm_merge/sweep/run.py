@@ -48,6 +48,8 @@ class SweepOptions:
     wise: List[float] = field(default_factory=list)
     dare_seeds: List[int] = field(default_factory=list)
     lines: List[float] = field(default_factory=list)
+    spectral: bool = False
+    lowrank: List[int] = field(default_factory=list)
     min_retention: float = 0.95
     device: str = "cpu"
     batch_size: str = "8"
@@ -156,7 +158,8 @@ def run_sweep(options: SweepOptions, echo=print) -> dict:
         "model_args": options.model_args, "bootstrap_iters": options.bootstrap_iters,
     }
     variants = build_variants(recipe, options.sparsities, scores, options.wise,
-                              options.dare_seeds, options.lines)
+                              options.dare_seeds, options.lines, options.spectral,
+                              options.lowrank)
     keyed = []
     for variant in variants:
         config = variant_recipe(recipe, variant)

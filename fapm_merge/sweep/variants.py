@@ -49,10 +49,12 @@ class Variant:
     """One model the sweep scores.
 
     ``kind``: ``reference`` (``pretrained`` / ``finetuned``), ``sweep`` (a ``(score,
-    sparsity)`` point of the user's recipe), ``dare``, ``wise`` or ``lines`` (baselines).
+    sparsity)`` point of the user's recipe), ``dare``, ``wise``, ``lines``, ``spectral`` or
+    ``lowrank`` (baselines).
     ``sparsity`` is the swept default (tensors with a ``filter:`` override keep theirs);
     ``alpha`` WiSE-FT's weight of the fine-tune; ``seed`` DARE's drop seed;
-    ``first_layer`` the LiNeS-style weight of the first layer's change (the last layer's is 1).
+    ``first_layer`` the LiNeS-style weight of the first layer's change (the last layer's is 1);
+    ``rank`` the ``lowrank`` baseline's rank (``spectral`` chooses its own per tensor).
     """
 
     kind: str
@@ -62,6 +64,7 @@ class Variant:
     seed: Optional[int] = None
     reference: Optional[str] = None
     first_layer: Optional[float] = None
+    rank: Optional[int] = None
 
     @property
     def name(self) -> str:
@@ -73,6 +76,10 @@ class Variant:
             return f"dare-{self.sparsity:g}-seed{self.seed}"
         if self.kind == "lines":
             return f"lines-{self.first_layer:g}"
+        if self.kind == "spectral":
+            return "spectral"
+        if self.kind == "lowrank":
+            return f"lowrank-{self.rank}"
         return f"wise-{self.alpha:g}"
 
     @property
@@ -234,12 +241,17 @@ def variant_recipe(recipe: SweepRecipe, variant: Variant) -> Optional[dict]:
     """The mergekit recipe of one variant (None for the two references)."""
     if variant.kind == "reference":
         return None
-    if variant.kind in ("wise", "lines"):
+    if variant.kind in ("wise", "lines", "spectral", "lowrank"):
         if variant.kind == "wise":
             config: Dict[str, Any] = {"merge_method": "linear", "base_model": recipe.base,
                                       "models": [
                 {"model": recipe.base, "parameters": {"weight": round(1.0 - variant.alpha, 6)}},
                 {"model": recipe.finetuned, "parameters": {"weight": variant.alpha}}]}
+        elif variant.kind in ("spectral", "lowrank"):
+            config = {"merge_method": variant.kind, "base_model": recipe.base,
+                      "models": [{"model": recipe.finetuned}]}
+            if variant.kind == "lowrank":
+                config["parameters"] = {"rank": variant.rank}
         else:
             config = {"merge_method": "task_arithmetic", "base_model": recipe.base,
                       "models": [{"model": recipe.finetuned,
@@ -283,7 +295,8 @@ def parse_fractions(text: str, option: str, low: float = 0.0, high: float = 1.0)
 
 def build_variants(recipe: SweepRecipe, sparsities: List[float], scores: List[str],
                    wise: List[float], dare_seeds: List[int],
-                   lines: Sequence[float] = ()) -> List[Variant]:
+                   lines: Sequence[float] = (), spectral: bool = False,
+                   lowrank: Sequence[int] = ()) -> List[Variant]:
     """Every variant of a sweep in the order it is run: the references first, then each
     score from the highest sparsity down (each step keeps a superset of the last), then the
     baselines."""
@@ -296,6 +309,8 @@ def build_variants(recipe: SweepRecipe, sparsities: List[float], scores: List[st
         variants += [Variant("dare", sparsity=s, seed=seed) for s in order]
     variants += [Variant("wise", alpha=a) for a in wise]
     variants += [Variant("lines", first_layer=w) for w in lines]
+    variants += [Variant("spectral")] if spectral else []
+    variants += [Variant("lowrank", rank=int(r)) for r in lowrank]
     return variants
 
 
