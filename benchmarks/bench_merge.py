@@ -146,15 +146,19 @@ METHODS: Dict[str, str] = {
     "della": "parameters: {{weight: 1.0, density: 0.1, epsilon: 0.05}}",
     "fapm": "parameters: {{sparsity: 0.9}}",
     "fapm_ties": "parameters: {{sparsity: 0.9, weight: 1.0}}",
+    # the low-rank rivals: an SVD per 2-D tensor (run them with --methods; slow on big shapes)
+    "spectral": "parameters: {{weight: 1.0}}",
+    "lowrank": "parameters: {{weight: 1.0}}",
 }
-# the one-pair run compares every single-fine-tune method (fapm_ties needs several)
-PAIR_METHODS = tuple(m for m in METHODS if m != "fapm_ties")
+# the one-pair run's default: every single-fine-tune method but the SVD-based rivals
+PAIR_METHODS = tuple(m for m in METHODS if m not in ("fapm_ties", "spectral", "lowrank"))
 # what the scaling runs compare (--layers: one fine-tune; --fine-tunes: several)
 LAYER_METHODS = ("task_arithmetic", "ties", "dare_ties", "fapm")
 FINE_TUNE_METHODS = ("task_arithmetic", "ties", "fapm", "fapm_ties")
-# shared parameters of the methods with several fine-tunes (TIES-style: normalized)
+# shared parameters (TIES-style methods: normalized; lowrank: its rank)
 SHARED = {"ties": "parameters: {normalize: true}",
-          "fapm_ties": "parameters: {consensus: sum, normalize: true}"}
+          "fapm_ties": "parameters: {consensus: sum, normalize: true}",
+          "lowrank": "parameters: {rank: 64}"}
 FLOOR = "io_floor"
 REFERENCE = "task_arithmetic"
 SPARSIFIERS = ("ties", "dare_ties", "breadcrumbs", "della")
@@ -808,7 +812,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--rounds", type=int, help="rounds (default 3, 1 with --quick)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--methods", nargs="+", choices=list(METHODS),
-                        help="methods to run (default: all but fapm_ties; in a scaling run "
+                        help="methods to run (default: all but fapm_ties, spectral and lowrank; in a scaling run "
                         f"{', '.join(LAYER_METHODS)} with --layers, {', '.join(FINE_TUNE_METHODS)} "
                         "with --fine-tunes)")
     parser.add_argument("--cache", type=Path, default=_report.default_cache(),
