@@ -274,7 +274,24 @@ def _fine_tune_names(count: int) -> List[str]:
 def build_models(shape: ModelShape, cache: Path, shard_bytes: int, fine_tunes: int = 1,
                  per_layer: bool = False) -> Tuple[Path, List[Path]]:
     """Create (or reuse) base/ and ``fine_tunes`` fine-tunes under ``cache`` (ft/, or ft-1/,
-    ft-2/, ...); returns their absolute paths. Tensors are generated one at a time."""
+    ft-2/, ...); returns their absolute paths.
+
+    The generation runs in a spawned process: a child's peak RSS as ``getrusage`` reports it
+    includes the high-water mark of the process it was forked from, so a benchmark process
+    that once held the generator's tensors (several GB at 8B shapes) would inflate every
+    merge it measures."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        return pool.submit(_build_models, shape, cache, shard_bytes, fine_tunes,
+                           per_layer).result()
+
+
+def _build_models(shape: ModelShape, cache: Path, shard_bytes: int, fine_tunes: int,
+                  per_layer: bool) -> Tuple[Path, List[Path]]:
+    """:func:`build_models`' work, tensor by tensor."""
     settings = [asdict(shape), shard_bytes, GENERATOR_VERSION]
     if fine_tunes != 1 or per_layer:  # the one-pair cache keeps its old name
         settings += [fine_tunes, per_layer]
