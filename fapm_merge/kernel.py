@@ -37,6 +37,9 @@ _PIECE = 1 << 22  # elements per piece of the whole-tensor float64 / mixed-dtype
 # Slice length of the chunked passes: a few float32 buffers of this size stay in cache on a
 # CPU; accelerators want fewer, larger launches.
 _CHUNK = 1 << 18
+# Elements per slice of the several-fine-tunes merge (its float32 buffer holds one slice per
+# model: 4 MB each).
+_MERGE_SLICE = 1 << 20
 _ACCELERATOR_CHUNK = 1 << 24
 _EXACT_IN_FLOAT32 = (torch.bfloat16, torch.float16, torch.float32)
 # Integer views used to blend kept and pruned elements bit-exactly.
@@ -715,39 +718,52 @@ def merge_task_vectors(
     if single_identity:
         return _pruned(base, finetuned[0], sparsity[0], score, generators[0])
 
-    # The masks first (the selection's temporaries are the peak), then one float32 buffer for
-    # every weighted, pruned task vector (no list of deltas, no stacked copy of them).
-    masks = [prune_mask(base, model, s, score, g)
+    # The masks first (the selection's temporaries are the peak: 1 byte per element per model
+    # stays), then the weighted sum slice by slice in one small float32 buffer: every
+    # operation below is per element (sign election and divisor per element too), so slicing
+    # changes no bit, and the memory no longer grows by 4 bytes per element per fine-tune.
+    masks = [prune_mask(base, model, s, score, g).reshape(-1)
              for model, s, g in zip(finetuned, sparsity, generators)]
-    deltas = torch.empty((len(finetuned),) + tuple(base.shape), dtype=torch.float32,
-                         device=base.device)
-    for index, (model, s, w) in enumerate(zip(finetuned, sparsity, weight)):
-        change = deltas[index]
-        change.copy_(model).sub_(base)  # float32 arithmetic, no float32 copies of the inputs
-        factor = rescale_factor(change, masks[index], rescale, s) * w
-        change.mul_(masks[index]).mul_(factor)
-        masks[index] = None
-    del change  # a view: it would keep the whole buffer alive past `del deltas`
+    factors = []
+    for model, mask, s, w in zip(finetuned, masks, sparsity, weight):
+        if rescale in ("l1", "l2"):  # norms of the whole task vector: one model at a time
+            change = torch.empty(mask.shape, dtype=torch.float32, device=base.device)
+            change.copy_(model.reshape(-1)).sub_(base.reshape(-1))
+            factors.append(rescale_factor(change, mask, rescale, s) * w)
+            del change
+        else:
+            factors.append(rescale_factor(base, mask, rescale, s) * w)
     weights = torch.tensor(weight, dtype=torch.float32, device=base.device)
-    if consensus is None:
-        merged = deltas[0]
-        for extra in deltas[1:]:
-            merged.add_(extra)
-        divisor = weights.sum()
-        if normalize and divisor.abs() > _TINY_DIVISOR:
-            merged.div_(divisor)
-    else:
-        agree = elect_signs(deltas, consensus)
-        for index in range(len(finetuned)):  # model by model: no float copy of `agree`
-            deltas[index].mul_(agree[index])
-        merged = deltas.sum(dim=0)
-        if normalize:
-            # sum_i w_i [agree_i], reduced as torch reduces it (bit-identical), in the buffer
-            shape = (-1,) + (1,) * base.dim()
-            divisor = torch.mul(agree, weights.view(shape), out=deltas).sum(dim=0)
-            del agree, deltas  # freed before the last temporaries
-            divisor[divisor == 0] = 1  # mergekit's TIES guard (exact zero only)
-            merged.div_(divisor)
-    if scale != 1.0:
-        merged.mul_(scale)
-    return merged.add_(base).to(base.dtype)
+    flat_base, flats = base.reshape(-1), [model.reshape(-1) for model in finetuned]
+    n, count = flat_base.numel(), len(finetuned)
+    step = max(1, min(n, _MERGE_SLICE))
+    buffer = torch.empty(count * step, dtype=torch.float32, device=base.device)
+    out = torch.empty(n, dtype=base.dtype, device=base.device)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        deltas = buffer[: count * (stop - start)].view(count, stop - start)
+        for index, (flat, mask, factor) in enumerate(zip(flats, masks, factors)):
+            change = deltas[index]
+            change.copy_(flat[start:stop]).sub_(flat_base[start:stop])  # float32 arithmetic
+            change.mul_(mask[start:stop]).mul_(factor)
+        if consensus is None:
+            merged = deltas[0]
+            for extra in deltas[1:]:
+                merged.add_(extra)
+            divisor = weights.sum()
+            if normalize and divisor.abs() > _TINY_DIVISOR:
+                merged.div_(divisor)
+        else:
+            agree = elect_signs(deltas, consensus)
+            for index in range(count):  # model by model: no float copy of `agree`
+                deltas[index].mul_(agree[index])
+            merged = deltas.sum(dim=0)
+            if normalize:
+                # sum_i w_i [agree_i], reduced as torch reduces it (bit-identical), in the buffer
+                divisor = torch.mul(agree, weights.view(-1, 1), out=deltas).sum(dim=0)
+                divisor[divisor == 0] = 1  # mergekit's TIES guard (exact zero only)
+                merged.div_(divisor)
+        if scale != 1.0:
+            merged.mul_(scale)
+        out[start:stop] = merged.add_(flat_base[start:stop])
+    return out.view(base.shape)

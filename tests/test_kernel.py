@@ -330,8 +330,11 @@ def _stacked_reference(base, finetuned, sparsity, weight, score, rescale, normal
 @pytest.mark.parametrize("models", [2, 3, 8])
 @pytest.mark.parametrize("consensus", [None, "sum", "count"])
 @pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("merge_slice", [1 << 20, 1000])  # one slice; many, the last short
 def test_several_fine_tunes_match_the_plain_stacked_merge_bit_for_bit(models, consensus,
-                                                                      normalize):
+                                                                      normalize, merge_slice,
+                                                                      monkeypatch):
+    monkeypatch.setattr(kernel, "_MERGE_SLICE", merge_slice)
     g = torch.Generator().manual_seed(models)
     base = (torch.randn(130, 257, generator=g) * 0.02).to(torch.bfloat16)
     finetuned = [(base.float() + torch.randn(130, 257, generator=g) * 0.003).to(torch.bfloat16)
