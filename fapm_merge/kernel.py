@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from fapm_merge.choices import CONSENSUS, DETERMINISTIC_SCORES, RESCALES, SCORES  # noqa: F401
+from fapm_merge.choices import CONSENSUS, RESCALES, SCORES  # re-exported: kernel.SCORES etc.
 
 # A score no real change can fall below: elements that cannot change anything (dW == 0) sit
 # under it at -inf, so they never take the budget of a real change.

@@ -138,19 +138,16 @@ class LowRankMerge(GroupMergeMethod):
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
         from fapm_merge import spectral
 
-        base = group.base.tensor
-        rank = parameters["rank"] if self.fixed_rank else None
-        total = None
+        entries = group.non_base
         try:
-            for entry in group.non_base:
-                reduced = spectral.truncate_task_vector(base, entry.tensor, rank)
-                reduced.mul_(parameters["weight"][entry.id])
-                total = reduced if total is None else total.add_(reduced)
+            return spectral.merge_low_rank(
+                group.base.tensor, [entry.tensor for entry in entries],
+                [parameters["weight"][entry.id] for entry in entries],
+                parameters["rank"] if self.fixed_rank else None)
         except ValueError:
             name = group.metadata.name or "<unnamed tensor>"
             raise kernel.NonFiniteWeightsError(
                 f"{self.spec.name}: tensor {name}: {_non_finite(group)}") from None
-        return total.add_(base.to(total.dtype)).to(base.dtype)
 
 
 SPECTRAL_URL = "https://arxiv.org/abs/2605.20296"

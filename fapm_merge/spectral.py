@@ -16,7 +16,7 @@ kept whole (documented in docs/fapm.md).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -71,8 +71,14 @@ def truncate_task_vector(base: torch.Tensor, finetuned: torch.Tensor,
     return reduced.reshape(change.shape)
 
 
-def repair(base: torch.Tensor, finetuned: torch.Tensor, rank: Optional[int] = None,
-           weight: float = 1.0) -> torch.Tensor:
-    """``W_pre + weight * truncate_task_vector(base, finetuned, rank)`` in ``base``'s dtype."""
-    reduced = truncate_task_vector(base, finetuned, rank)
-    return reduced.mul_(weight).add_(base.to(reduced.dtype)).to(base.dtype)
+def merge_low_rank(base: torch.Tensor, finetuned: Sequence[torch.Tensor],
+                   weight: Sequence[float], rank: Optional[int] = None) -> torch.Tensor:
+    """``W_pre + sum_i weight_i * truncate_task_vector(W_pre, W_ft_i, rank)`` in ``base``'s
+    dtype and device (``rank`` None: ``spectral``; an integer: ``lowrank``)."""
+    total = None
+    for model, w in zip(finetuned, weight):
+        reduced = truncate_task_vector(base, model, rank).mul_(w)
+        total = reduced if total is None else total.add_(reduced)
+    if total is None:
+        return base
+    return total.add_(base.to(total.dtype)).to(base.dtype)

@@ -127,7 +127,6 @@ class InMemorySweep:
         self.base_ref, self.ft_ref = self._references(self.base_plan)
         self._check_names(self.base_plan)
         self.state: Dict[str, Tuple] = {p.name: ("unknown",) for p in self.base_plan}
-        self.finetuned: Dict[str, Any] = {}
         self.levels: Dict[Tuple[str, str], Tuple[Any, List[float]]] = {}
         self.aligned: Dict[str, Any] = {}  # tensor name -> the inputs' aligned dtype
         self._plans: Dict[str, List[PlannedTensor]] = {}
@@ -326,7 +325,9 @@ class InMemorySweep:
             return tensor, self.aligned[planned.name]
         inputs = self._load(planned)
         tensor = inputs.get(model)
-        return tensor, (self._aligned_dtype(inputs) if tensor is not None else None)
+        if tensor is None:
+            return None, None
+        return tensor, self.aligned.get(planned.name) or self._aligned_dtype(inputs)
 
     def _reset_to_base(self, planned: PlannedTensor) -> None:
         base, dtype = self._load_one(planned, self.base_ref)
