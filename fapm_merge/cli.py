@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 from fapm_merge import __version__
 from fapm_merge.inspect.cli import inspect_command
+from fapm_merge.mergekit_schema import referenced_models
 from fapm_merge.recipe import RecipeError, check_recipe_file
 from fapm_merge.sweep.cli import sweep_command
 
@@ -51,10 +52,11 @@ class MergekitOptionsCommand(click.Command):
         return super().get_params(ctx)
 
 
-def _checked(config_file: str, check_models: bool = True, allow_uncached: bool = False):
+def _checked(config_file: str, check_models: bool = True, allow_uncached: bool = False,
+             light: bool = False):
     try:
         return check_recipe_file(config_file, check_models=check_models,
-                                 allow_uncached=allow_uncached)
+                                 allow_uncached=allow_uncached, light=light)
     except RecipeError as error:
         raise click.ClickException(str(error)) from None
 
@@ -73,11 +75,12 @@ def validate(config_file: str, no_model_check: bool) -> None:
     missing model folders, and tensors that are missing or shaped differently between the
     base and a fine-tune (from the safetensors headers only).
     """
-    recipes = _checked(config_file, check_models=not no_model_check)
+    # without model checks, the recipe is checked against the schema snapshot: no torch
+    recipes = _checked(config_file, check_models=not no_model_check, light=no_model_check)
     for recipe in recipes:
         label = f" [{recipe.name}]" if recipe.name else ""
-        click.echo(f"ok{label}: merge_method {recipe.config.merge_method}, "
-                   f"{len(recipe.config.referenced_models())} model(s)")
+        click.echo(f"ok{label}: merge_method {recipe.source['merge_method']}, "
+                   f"{len(referenced_models(recipe.source))} model(s)")
 
 
 @main.command(cls=MergekitOptionsCommand,

@@ -14,11 +14,12 @@ import math
 import os
 import struct
 import sys
-import typing
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import yaml
+
+from fapm_merge import mergekit_schema
 
 
 class RecipeError(ValueError):
@@ -41,11 +42,13 @@ class Recipe:
         return f"{self.path}{label if self.index or self.name else ''}"
 
 
-def load_recipes(path: str) -> List[Recipe]:
-    """Parse every document of ``path`` with mergekit's own configuration model."""
-    from mergekit.config import MergeConfiguration
-    from pydantic import ValidationError
+def load_recipes(path: str, tables: Dict[str, Any], light: bool = False) -> List[Recipe]:
+    """Parse and check every document of ``path``.
 
+    ``tables`` is :mod:`fapm_merge.mergekit_schema`'s (config schema and method parameters).
+    The documents are validated by mergekit's own ``MergeConfiguration``, or, when ``light``,
+    by the JSON schema alone, without importing mergekit (``Recipe.config`` is then None).
+    """
     if not os.path.isfile(path):
         raise RecipeError(f"{path}: recipe file not found")
     with open(path, encoding="utf-8") as handle:
@@ -63,11 +66,20 @@ def load_recipes(path: str) -> List[Recipe]:
         document = dict(document)
         name = document.pop("name", None)
         where = f"{path}: document {index + 1}" if len(documents) > 1 else path
-        check_schema(document, where)
-        try:
-            config = MergeConfiguration.model_validate(document)
-        except (ValidationError, RuntimeError, ValueError) as error:
-            raise RecipeError(f"{path}: document {index + 1}: {_short(error)}") from None
+        check_schema(document, where, tables["config"])
+        config, problem = None, None
+        if light:
+            problem = mergekit_schema.check_value(document, tables["config"])
+        else:
+            from mergekit.config import MergeConfiguration
+            from pydantic import ValidationError
+
+            try:
+                config = MergeConfiguration.model_validate(document)
+            except (ValidationError, RuntimeError, ValueError) as error:
+                problem = _short(error)
+        if problem:
+            raise RecipeError(f"{path}: document {index + 1}: {problem}")
         recipes.append(Recipe(path, index, name, document, config))
     return recipes
 
@@ -89,105 +101,60 @@ def _short(error: Exception) -> str:
 DTYPES = ("bfloat16", "float16", "float32", "float64", "int64")
 
 
-def _models_in(annotation) -> List[type]:
-    """The pydantic model classes a field annotation admits (through Optional/Union)."""
-    from pydantic import BaseModel
-
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    if typing.get_origin(annotation) is typing.Union:
-        return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
-    return []
+def _hint(key: Any, valid: List[str]) -> str:
+    """`` Did you mean 'x'?`` for the closest valid name, or nothing."""
+    close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
+    return f" Did you mean {close[0]!r}?" if close else ""
 
 
-def _walk_schema(value: Any, annotation: Any, location: str, where: str) -> None:
-    """Check the keys of ``value`` against the pydantic schema ``annotation``, recursively."""
-    origin = typing.get_origin(annotation)
-    if origin is typing.Union:
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if isinstance(value, list):
-            lists = [a for a in args if typing.get_origin(a) in (list, List)]
-            if len(lists) == 1:
-                _walk_schema(value, lists[0], location, where)
-        elif isinstance(value, dict):
-            models = _models_in(annotation)
-            dicts = [a for a in args if typing.get_origin(a) in (dict, Dict)]
-            if len(models) == 1 and not dicts:
-                _walk_schema(value, models[0], location, where)
-            elif len(dicts) == 1 and not models:
-                _walk_schema(value, dicts[0], location, where)
-        return
-    if origin in (list, List) and isinstance(value, list):
-        (item,) = typing.get_args(annotation) or (Any,)
+def _walk_keys(value: Any, node: Dict[str, Any], defs: Dict[str, Any], location: str,
+               where: str) -> None:
+    """Check the keys of ``value`` against the JSON-schema ``node``, recursively.
+
+    A mapping is checked against the one object its node admits (a model's properties, or a
+    name -> schema mapping); where several objects fit (a tokenizer ``source``) mergekit picks,
+    and the walk stops. A list's items are checked against the union of its array branches.
+    """
+    options = mergekit_schema.branches(node, defs)
+    if isinstance(value, list):
+        items = [option["items"] for option in options if option.get("type") == "array"
+                 and "items" in option]
         for i, entry in enumerate(value):
-            _walk_schema(entry, item, f"{location}[{i}]", where)
+            _walk_keys(entry, {"anyOf": items}, defs, f"{location}[{i}]", where)
         return
-    if origin in (dict, Dict) and isinstance(value, dict):
-        _, item = typing.get_args(annotation) or (Any, Any)
-        for key, entry in value.items():
-            _walk_schema(entry, item, f"{location}.{key}" if location else str(key), where)
+    objects = [option for option in options if option.get("type") == "object"]
+    if not (isinstance(value, dict) and len(objects) == 1):
         return
-    models = _models_in(annotation)
-    if not (models and isinstance(value, dict)):
-        return
-    fields = models[0].model_fields
-    names = {field.alias or name: name for name, field in fields.items()}
+    properties = objects[0].get("properties")
+    extra = objects[0].get("additionalProperties")
     for key, entry in value.items():
         path = f"{location}.{key}" if location else str(key)
-        if key not in names:
-            hint = difflib.get_close_matches(str(key), list(names), n=1, cutoff=0.6)
-            suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
-            raise RecipeError(
-                f"{where}: unknown key {path!r}.{suggestion} Valid keys here: "
-                f"{', '.join(names)} (mergekit would silently ignore it)"
-            )
-        if key == "parameters":  # its keys depend on the method: check_parameters
-            _walk_settings(entry, path, where)
+        if properties is None:
+            if isinstance(extra, dict):
+                _walk_keys(entry, extra, defs, path, where)
             continue
-        _walk_schema(entry, fields[names[key]].annotation, path, where)
-
-
-def _walk_settings(block: Any, location: str, where: str) -> None:
-    """The ``{value, filter}`` entries of a ``parameters`` block (``fitler:`` is ignored by
-    mergekit, which then applies the value everywhere)."""
-    from mergekit.config import ConditionalParameter
-
-    if not isinstance(block, dict):
-        return
-    for key, setting in block.items():
-        entries = setting if isinstance(setting, list) else [setting]
-        for i, entry in enumerate(entries):
-            if isinstance(entry, dict):
-                at = f"{location}.{key}[{i}]" if isinstance(setting, list) else f"{location}.{key}"
-                _walk_schema(entry, ConditionalParameter, at, where)
-
-
-def check_schema(document: Dict[str, Any], where: str) -> None:
+        if key not in properties:
+            raise RecipeError(
+                f"{where}: unknown key {path!r}.{_hint(key, list(properties))} Valid keys "
+                f"here: {', '.join(properties)} (mergekit would silently ignore it)"
+            )
+        _walk_keys(entry, properties[key], defs, path, where)
+def check_schema(document: Dict[str, Any], where: str, config_schema: Dict[str, Any]) -> None:
     """Reject keys that mergekit's configuration schema does not have, at any depth.
 
-    mergekit's pydantic models ignore unknown keys, so ``paramters:`` under a model or
-    ``dtpye:`` at the root would merge with the defaults. The walk follows the fields of
-    ``MergeConfiguration`` itself (models, slices, modules, tokenizer, ...), so it stays in
-    step with the installed mergekit.
+    mergekit's pydantic models ignore unknown keys, so ``paramters:`` under a model,
+    ``fitler:`` in a parameter's filter list or ``dtpye:`` at the root would merge with the
+    defaults. The walk follows the JSON schema of ``MergeConfiguration`` (models, slices,
+    modules, tokenizer, ...), so it stays in step with the installed mergekit.
     """
-    from mergekit.config import MergeConfiguration
-
-    _walk_schema(document, MergeConfiguration, "", where)
+    _walk_keys(document, config_schema, config_schema.get("$defs", {}), "", where)
     for key in ("dtype", "out_dtype"):
         value = document.get(key)
         if value is not None and str(value).removeprefix("torch.") not in DTYPES:
-            hint = difflib.get_close_matches(str(value), DTYPES, n=1)
-            suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
             raise RecipeError(
-                f"{where}: {key}: {value!r} is not a dtype mergekit knows.{suggestion} "
-                f"Valid: {', '.join(DTYPES)}"
+                f"{where}: {key}: {value!r} is not a dtype mergekit knows."
+                f"{_hint(value, list(DTYPES))} Valid: {', '.join(DTYPES)}"
             )
-
-
-def _admits_bool(annotation: Any) -> bool:
-    if annotation is bool:
-        return True
-    return any(_admits_bool(arg) for arg in typing.get_args(annotation))
 
 
 def parameter_blocks(
@@ -224,46 +191,55 @@ def _scalars(setting: Any) -> Iterable[Tuple[Any, Optional[str]]]:
         yield setting, None
 
 
-def check_parameters(recipe: Recipe) -> None:
-    """Reject unknown parameter keys ("did you mean") and out-of-range values."""
-    from mergekit.merge_methods import registry
-
-    method_name = recipe.config.merge_method
-    try:
-        method = registry.get(method_name)
-    except RuntimeError:
-        known = sorted(m.spec.name for m in registry.registered_methods())
-        hint = difflib.get_close_matches(method_name, known, n=1)
-        suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
+def check_parameters(recipe: Recipe, tables: Dict[str, Any], light: bool = False) -> None:
+    """Reject an unknown merge method, unknown parameter keys ("did you mean") and values
+    mergekit would refuse mid-merge (by mergekit's own parameter types, or, when ``light``,
+    by their JSON schema)."""
+    method_name = recipe.source.get("merge_method")
+    methods = tables["methods"]
+    if method_name not in methods:
         raise RecipeError(
-            f"{recipe.where}: unknown merge_method {method_name!r}.{suggestion} "
-            f"Available: {', '.join(known)}"
-        ) from None
-    specs = {spec.name: spec for spec in method.spec.parameters}
+            f"{recipe.where}: unknown merge_method {method_name!r}."
+            f"{_hint(method_name, list(methods))} Available: {', '.join(sorted(methods))}"
+        )
+    specs = methods[method_name]
+    if not light:
+        from mergekit.merge_methods import registry
+
+        live = {spec.name: spec for spec in registry.get(method_name).spec.parameters}
     for location, block in parameter_blocks(recipe.source):
         for key, setting in block.items():
             if key not in specs:
-                hint = difflib.get_close_matches(key, list(specs), n=1)
-                suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
                 raise RecipeError(
                     f"{recipe.where}: {location}: unknown parameter {key!r} for merge method "
-                    f"{method_name!r}.{suggestion} Valid parameters: {', '.join(specs) or 'none'}"
-                    " (mergekit would silently ignore it and use the default)"
+                    f"{method_name!r}.{_hint(key, list(specs))} Valid parameters: "
+                    f"{', '.join(specs) or 'none'} (mergekit would silently ignore it and use "
+                    "the default)"
                 )
+            schema = specs[key]["schema"]
+            defs = schema.get("$defs", {})
             for value, filter_ in _scalars(setting):
                 scope = f" (filter {filter_!r})" if filter_ else ""
-                if isinstance(value, bool) and not _admits_bool(specs[key].value_type):
+                admits_bool = any(option.get("type") == "boolean"
+                                  for option in mergekit_schema.branches(schema, defs))
+                if isinstance(value, bool) and not admits_bool:
                     raise RecipeError(
                         f"{recipe.where}: {location}: {key} = {value!r}{scope} is a YAML "
                         "boolean (yes/no/true/false), not a number; write the number"
                     )
-                try:
-                    specs[key].validate(value)
-                except Exception as error:  # pydantic's ValidationError and friends
+                if light:
+                    problem = mergekit_schema.check_value(value, schema, defs)
+                else:
+                    try:
+                        live[key].validate(value)
+                        problem = None
+                    except Exception as error:  # pydantic's ValidationError and friends
+                        problem = _short(error)
+                if problem:
                     raise RecipeError(
                         f"{recipe.where}: {location}: {key} = {value!r}{scope} is invalid: "
-                        f"{_short(error)}"
-                    ) from None
+                        f"{problem}"
+                    )
 
 
 NO_MODEL_CHECK_HINT = (
@@ -535,19 +511,31 @@ def check_tensors_match(
 
 
 def check_recipe_file(
-    path: str, check_models: bool = True, allow_uncached: bool = False
+    path: str, check_models: bool = True, allow_uncached: bool = False, light: bool = False
 ) -> List[Recipe]:
     """All checks for a ``mergekit-yaml`` or ``mergekit-multi`` recipe file.
 
-    Raises :class:`RecipeError` on the first problem; returns the parsed documents.
+    ``light`` (only without ``check_models``): check the YAML, keys and values against the
+    schema snapshot of :mod:`fapm_merge.mergekit_schema`, without importing mergekit or torch;
+    ``Recipe.config`` is then None. It falls back to the full checks when the installed
+    mergekit is not the snapshot's version or a method is not in it (another plugin's, or a
+    typo, which the full checks name). Raises :class:`RecipeError` on the first problem;
+    returns the parsed documents.
     """
-    import fapm_merge
+    if light and check_models:
+        raise ValueError("the light checks cannot check models")
+    tables = mergekit_schema.snapshot() if light else None
+    if tables is None:
+        import fapm_merge
 
-    fapm_merge.register()
-    recipes = load_recipes(path)
+        fapm_merge.register()
+        tables, light = mergekit_schema.live(), False
+    recipes = load_recipes(path, tables, light)
+    if light and any(r.source.get("merge_method") not in tables["methods"] for r in recipes):
+        return check_recipe_file(path, check_models, allow_uncached, light=False)
     stage_names = [r.name for r in recipes if r.name]
     for recipe in recipes:
-        check_parameters(recipe)
+        check_parameters(recipe, tables, light)
         if check_models:
             check_models_exist(recipe, stage_names, allow_uncached)
             check_tensors_match(recipe, stage_names, allow_uncached)
