@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test study study-quick bench bench-cuda clean
+.PHONY: setup demo test study study-quick bench bench-cuda bench-cuda-8b clean
 
 # torch first, pinned: an unpinned torch (asked for by mergekit) would pull a multi-GB CUDA
 # build. On a plain machine `pip install torch==2.13.0` is a CUDA build too; for the CPU
@@ -49,7 +49,8 @@ study-quick: $(TEST_STAMP)
 
 # Merge and selection benchmarks (docs/benchmarks.md, regenerated): ~35 min on 2 CPU cores,
 # ~13 GB RAM free; bench-cuda: the same with the arithmetic on a GPU (results in
-# docs/benchmarks/cuda/).
+# docs/benchmarks/cuda/); bench-cuda-8b: the 8B-shaped slices and several fine-tunes on a GPU
+# in one command (about 13 GB of inputs generated, then deleted; not yet run on a GPU).
 bench: setup
 	$(BIN)/python benchmarks/bench_merge.py
 	$(BIN)/python benchmarks/bench_selection.py
@@ -57,6 +58,10 @@ bench: setup
 bench-cuda: setup
 	$(BIN)/python benchmarks/bench_merge.py --device cuda --out docs/benchmarks/cuda
 	$(BIN)/python benchmarks/bench_selection.py --device cuda --out docs/benchmarks/cuda
+
+bench-cuda-8b: setup
+	$(BIN)/python benchmarks/bench_merge.py --device cuda --shape llama3-8b --layers 1,2 \
+		--fine-tunes 1,2,4 --out docs/benchmarks/cuda --delete-after
 
 clean:
 	rm -rf $(VENV) out

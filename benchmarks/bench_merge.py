@@ -35,9 +35,9 @@ docs/benchmarks/ and docs/benchmarks.md):
     # the full 32-layer pair (2 x 16 GB of inputs, 16 GB written per merge), deleted after
     python benchmarks/bench_merge.py --shape llama3-8b --layers 32 \
         --methods task_arithmetic fapm --delete-after
-    # the same slices and fine-tune counts on a GPU, in one command
-    python benchmarks/bench_merge.py --shape llama3-8b --layers 1,2 --fine-tunes 1,2,4,8 \
-        --device cuda --out docs/benchmarks/cuda
+    # the slices and fine-tune counts on a GPU, in one command (make bench-cuda-8b)
+    python benchmarks/bench_merge.py --shape llama3-8b --layers 1,2 --fine-tunes 1,2,4 \
+        --device cuda --out docs/benchmarks/cuda --delete-after
 """
 
 from __future__ import annotations
@@ -135,7 +135,11 @@ QUICK = ModelShape(hidden=256, intermediate=704, layers=2, heads=4, kv_heads=2, 
 # one layer is 218M parameters (0.44 GB), 32 layers make 8.0B.
 LLAMA3_8B = ModelShape(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8,
                        vocab=128256)
-SHAPES = {"tinyllama": FULL, "llama3-8b": LLAMA3_8B}
+# The study model's shape (SmolLM2-135M: 30 layers, hidden 576, 9 heads / 3 KV heads, vocab
+# 49152); the synthetic pair has an untied lm_head, which the real model ties.
+SMOLLM2_135M = ModelShape(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3,
+                          vocab=49152)
+SHAPES = {"tinyllama": FULL, "llama3-8b": LLAMA3_8B, "smollm2-135m": SMOLLM2_135M}
 
 # Recipes of the compared methods; {base} and {ft} are absolute model paths.
 METHODS: Dict[str, str] = {
