@@ -139,6 +139,8 @@ def _walk_keys(value: Any, node: Dict[str, Any], defs: Dict[str, Any], location:
                 f"here: {', '.join(properties)} (mergekit would silently ignore it)"
             )
         _walk_keys(entry, properties[key], defs, path, where)
+
+
 def check_schema(document: Dict[str, Any], where: str, config_schema: Dict[str, Any]) -> None:
     """Reject keys that mergekit's configuration schema does not have, at any depth.
 
@@ -218,10 +220,10 @@ def check_parameters(recipe: Recipe, tables: Dict[str, Any], light: bool = False
                 )
             schema = specs[key]["schema"]
             defs = schema.get("$defs", {})
+            admits_bool = any(option.get("type") == "boolean"
+                              for option in mergekit_schema.branches(schema, defs))
             for value, filter_ in _scalars(setting):
                 scope = f" (filter {filter_!r})" if filter_ else ""
-                admits_bool = any(option.get("type") == "boolean"
-                                  for option in mergekit_schema.branches(schema, defs))
                 if isinstance(value, bool) and not admits_bool:
                     raise RecipeError(
                         f"{recipe.where}: {location}: {key} = {value!r}{scope} is a YAML "
