@@ -1,0 +1,112 @@
+"""Pilot of a candidate second downstream task: does its fine-tune have to move the model?
+
+    python -m fapm_study.pilot [--task word_sorting] [--epochs 3] [--out FOLDER]
+
+A task qualifies when the pre-trained model is near zero on it, the fine-tune reaches a good
+score only after many steps, and WiSE-FT at a small alpha loses much of it (unlike QASC, where
+alpha 0.25 keeps almost all). The pilot reuses the study's stage 1 (the SmolLM2-135M model and
+its general suite, downloaded and cached once), builds the candidate from the BIG-bench archive
+(``--test`` items held out, the rest trained on), fine-tunes every weight with the study's
+trainer, then scores the pre-trained model, the fine-tune, WiSE-FT and FAPM with
+``fapm-merge sweep`` (lm-eval). Writes ``OUT/TASK/sweep/`` (the sweep's results.md / results.json /
+plots and pilot.json with the split sizes and the training summary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import tarfile
+from dataclasses import replace
+from pathlib import Path
+
+from fapm_study import prepare
+from fapm_study.config import full_config
+from fapm_study.finetune import finetune
+
+# name -> (path under bigbench/benchmark_tasks/, prompt template, max generated tokens)
+CANDIDATES = {
+    "word_sorting": ("word_sorting", "Sort these words alphabetically: {input}\nAnswer:", 64),
+}
+GENERAL_TASKS = "study_knowledge,study_arithmetic,study_commonsense"
+
+
+def read_examples(archive: Path, path: str):
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar:
+            if member.name.endswith(f"benchmark_tasks/{path}/task.json"):
+                return json.load(tar.extractfile(member))["examples"]
+    raise RuntimeError(f"{path} not found in {archive.name}")
+
+
+def write_task(name: str, rows, max_tokens: int, folder: Path) -> None:
+    """The held-out items as JSON lines and an lm-eval exact-match task beside them."""
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    header = (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+              f"    test: {data.resolve()}\ntest_split: test\n")
+    body = prepare._GENERATE.format(max_tokens=max_tokens) + prepare._EXACT_MATCH
+    (folder / f"{name}.yaml").write_text(header + body + prepare._STRICT_FILTER)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=list(CANDIDATES), default="word_sorting")
+    parser.add_argument("--test", type=int, default=200)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--learning-rate", type=float, default=3e-4)
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "fapm-merge" / "study")
+    parser.add_argument("--out", type=Path, help="results folder (default: CACHE/pilot/)")
+    args = parser.parse_args()
+
+    config = full_config()
+    work = args.cache / "pilot" / args.task
+    prepared = prepare.prepare(config, args.cache, args.cache / "work")
+    path, template, max_tokens = CANDIDATES[args.task]
+    examples = read_examples(prepare.pip_download(prepare.DATA_PACKAGE, args.cache / "downloads"),
+                             path)
+    random.Random(config.seed).shuffle(examples)
+    test, train = examples[:args.test], examples[args.test:]
+    name = f"pilot_{args.task}"
+    tasks = work / "tasks"
+    tasks.mkdir(parents=True, exist_ok=True)
+    for general in GENERAL_TASKS.split(","):  # the study's suite, beside the candidate
+        for suffix in (".yaml", ".jsonl"):
+            (tasks / f"{general}{suffix}").write_bytes(
+                (prepared["tasks"] / f"{general}{suffix}").read_bytes())
+    write_task(name, [{"query": template.format(input=e["input"].strip()),
+                       "answer": e["target"].strip()} for e in test], max_tokens, tasks)
+    train_file = work / "train.jsonl"
+    train_file.write_text("".join(
+        json.dumps({"prompt": template.format(input=e["input"].strip()),
+                    "answer": " " + e["target"].strip()}) + "\n" for e in train))
+
+    finetuned = work / "finetuned"
+    if not (finetuned / "train.json").is_file():
+        options = replace(config.training, epochs=args.epochs, learning_rate=args.learning_rate,
+                          max_length=128)
+        finetune(prepared["model"], train_file, finetuned, options)
+    training = json.loads((finetuned / "train.json").read_text())
+    recipe = work / "recipe.yml"
+    recipe.write_text(f"merge_method: fapm\nbase_model: {prepared['model']}\nmodels:\n"
+                      f"  - model: {finetuned}\ndtype: float32\n")
+    out = (args.out or args.cache / "pilot") / args.task / "sweep"
+    sweep = [str(Path(sys.executable).with_name("fapm-merge")), "sweep", str(recipe), str(out),
+             "--sparsity", "0.5,0.9", "--task-tasks", name, "--general-tasks", GENERAL_TASKS,
+             "--include-path", str(tasks), "--wise", "0.25,0.5", "--batch-size", "16"]
+    subprocess.run(sweep, check=True)
+    training.pop("losses", None)
+    (out / "pilot.json").write_text(json.dumps({
+        "task": args.task, "bigbench_path": path, "template": template,
+        "train_items": len(train), "test_items": len(test), "training": training,
+        "command": "python -m fapm_study.pilot " + " ".join(sys.argv[1:]),
+    }, indent=1) + "\n")
+    print(f"pilot results: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
