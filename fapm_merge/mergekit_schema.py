@@ -177,8 +177,9 @@ def _inside(step: str, problem: Problem) -> Problem:
 
 
 def _problem(value: Any, node: Dict[str, Any], defs: Dict[str, Any]) -> Problem:
+    options = branches(node, defs)
     problems, near = [], []
-    for option in branches(node, defs):
+    for option in options:
         problem = _check_one(value, option, defs)
         if problem is None:
             return None
@@ -187,7 +188,7 @@ def _problem(value: Any, node: Dict[str, Any], defs: Dict[str, Any]) -> Problem:
         if "type" not in option or _type_problem(value, option["type"]) is None:
             near.append(problem)
     if not near and len(problems) > 1:  # no branch of the value's type: name the types
-        kinds = list(dict.fromkeys(option.get("type") for option in branches(node, defs)))
+        kinds = list(dict.fromkeys(option.get("type") for option in options))
         return "", f"expected {', '.join(kinds[:-1])} or {kinds[-1]}, got {value!r}"
     chosen = list(dict.fromkeys(near or problems))
     if len(chosen) == 1:

@@ -42,16 +42,6 @@ def read_examples(archive: Path, path: str):
     raise RuntimeError(f"{path} not found in {archive.name}")
 
 
-def write_task(name: str, rows, max_tokens: int, folder: Path) -> None:
-    """The held-out items as JSON lines and an lm-eval exact-match task beside them."""
-    data = folder / f"{name}.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    header = (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-              f"    test: {data.resolve()}\ntest_split: test\n")
-    body = prepare._GENERATE.format(max_tokens=max_tokens) + prepare._EXACT_MATCH
-    (folder / f"{name}.yaml").write_text(header + body + prepare._STRICT_FILTER)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=list(CANDIDATES), default="word_sorting")
@@ -77,8 +67,9 @@ def main() -> int:
         for suffix in (".yaml", ".jsonl"):
             (tasks / f"{general}{suffix}").write_bytes(
                 (prepared["tasks"] / f"{general}{suffix}").read_bytes())
-    write_task(name, [{"query": template.format(input=e["input"].strip()),
-                       "answer": e["target"].strip()} for e in test], max_tokens, tasks)
+    prepare.write_task(name, [{"query": template.format(input=e["input"].strip()),
+                               "answer": e["target"].strip()} for e in test],
+                       prepare.exact_match_body(max_tokens), tasks)
     train_file = work / "train.jsonl"
     train_file.write_text("".join(
         json.dumps({"prompt": template.format(input=e["input"].strip()),

@@ -342,11 +342,29 @@ filter_list:
 """
 
 
+def exact_match_body(max_tokens: int) -> str:
+    """The lm-eval task body of a bare-answer generation task (greedy, one line, exact match
+    after trimming whitespace)."""
+    return _GENERATE.format(max_tokens=max_tokens) + _EXACT_MATCH + _STRICT_FILTER
+
+
+def write_task(name: str, rows: List[dict], body: "str | None", out_dir: Path) -> None:
+    """One split as JSON lines, and with a ``body`` an lm-eval task YAML reading it."""
+    path = out_dir / f"{name}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if body:
+        header = (
+            f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+            f"    test: {path.resolve()}\ntest_split: test\n"
+        )
+        (out_dir / f"{name}.yaml").write_text(header + body)
+
+
 def write_tasks(items: Dict[str, List[dict]], out_dir: Path) -> None:
     """Write every split as JSON lines and an lm-eval task YAML beside it."""
     out_dir.mkdir(parents=True, exist_ok=True)
     bodies = {
-        "study_qasc": _GENERATE.format(max_tokens=10) + _EXACT_MATCH + _STRICT_FILTER,
+        "study_qasc": exact_match_body(max_tokens=10),
         "study_arithmetic": _MULTIPLE_CHOICE,
         "study_knowledge": _MULTIPLE_CHOICE,
         "study_code": _MULTIPLE_CHOICE,
@@ -354,14 +372,7 @@ def write_tasks(items: Dict[str, List[dict]], out_dir: Path) -> None:
         "study_perplexity": _ROLLING,
     }
     for name, rows in items.items():
-        path = out_dir / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        if name in bodies:
-            header = (
-                f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-                f"    test: {path.resolve()}\ntest_split: test\n"
-            )
-            (out_dir / f"{name}.yaml").write_text(header + bodies[name])
+        write_task(name, rows, bodies.get(name), out_dir)
 
 
 def prepare(config, cache_dir: Path, work_dir: Path) -> dict:

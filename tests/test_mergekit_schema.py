@@ -141,6 +141,8 @@ def test_light_checks_agree_with_mergekit(tmp_path, name):
     assert light[0] == full[0], f"light: {light[1]}\nmergekit: {full[1]}"
     if light[0] == "ok":  # the same methods and model counts as mergekit's parsed config
         assert light[1] == full[1]
+        light_recipes = check_recipe_file(str(recipe), check_models=False, light=True)
+        assert all(r.config is None for r in light_recipes), "the light path fell back"
         from mergekit.config import MergeConfiguration
         counted = [len(MergeConfiguration.model_validate(r.source).referenced_models())
                    for r in check_recipe_file(str(recipe), check_models=False)]
