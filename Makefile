@@ -50,7 +50,8 @@ study-quick: $(TEST_STAMP)
 # Merge and selection benchmarks (docs/benchmarks.md, regenerated): ~35 min on 2 CPU cores,
 # ~13 GB RAM free; bench-cuda: the same with the arithmetic on a GPU (results in
 # docs/benchmarks/cuda/); bench-cuda-8b: the 8B-shaped slices and several fine-tunes on a GPU
-# in one command (about 13 GB of inputs generated, then deleted; not yet run on a GPU).
+# in one command (about 19 GB of inputs generated in two batches, at most 13 GB on disk at
+# once, each deleted after its runs; not yet run on a GPU).
 bench: setup
 	$(BIN)/python benchmarks/bench_merge.py
 	$(BIN)/python benchmarks/bench_selection.py
