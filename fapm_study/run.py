@@ -116,6 +116,7 @@ def run_study(
     config: Optional[StudyConfig] = None,
     command: str = "",
     threads: Optional[int] = None,
+    suite: str = "full",
 ) -> dict:
     """Run (or resume) the study and write its report; returns the report's data.
 
@@ -127,6 +128,8 @@ def run_study(
         cache_dir: downloaded packages and the converted model (default
             ``~/.cache/fapm-merge/study`` or ``$FAPM_STUDY_CACHE``).
         threads: torch threads (default: :func:`choose_threads`); mergekit gets the same.
+        suite: the general suite's size, a key of :data:`fapm_study.config.SUITES` (ignored
+            with ``quick`` or ``config``).
     """
     import torch
     from tqdm import tqdm
@@ -135,7 +138,7 @@ def run_study(
     from fapm_study.finetune import finetune
     from fapm_study.prepare import prepare
 
-    config = config or (quick_config() if quick else full_config())
+    config = config or (quick_config() if quick else full_config(suite))
     mode = "quick" if config.quick else "full"
     work_dir = Path(work_dir or Path("out/study") / mode)
     cache_dir = Path(cache_dir or DEFAULT_CACHE)

@@ -226,3 +226,49 @@ def test_fine_tune_cost_is_compared_within_a_seed():
     assert out["sam"]["ratio"] == 2.0 and out["sam"]["ratio_std"] == 0.0
     assert out["standard"]["ratio"] == 1.0
     assert out["sam"]["peak_rss_gb"] == 3.6
+
+
+def test_a_short_skill_is_filled_from_its_extra_sources_in_order():
+    import random
+
+    from fapm_study.prepare import _filled, _sample
+
+    own = [{"id": f"own{i}"} for i in range(3)]
+    extras = [[{"id": f"a{i}"} for i in range(5)], [{"id": f"b{i}"} for i in range(5)]]
+    ids = lambda items: [i["id"] for i in items]  # noqa: E731
+    assert len(_filled(own, extras, 8, random.Random(0))) == 8
+    filled = ids(_filled(own, extras, 10, random.Random(0)))
+    assert sorted(filled[:3]) == ["own0", "own1", "own2"]
+    assert sorted(filled[3:8]) == [f"a{i}" for i in range(5)]
+    assert len(filled[8:]) == 2 and all(i.startswith("b") for i in filled[8:])
+    # enough own items: the same sample as without extras, and no further draws
+    with_extras, without = random.Random(0), random.Random(0)
+    assert _filled(own, extras, 2, with_extras) == _sample(own, 2, without)
+    assert with_extras.random() == without.random()
+
+
+def test_extra_sources_leave_a_suite_that_needs_none_unchanged(monkeypatch):
+    """The small suite (as committed first) stays item for item what it was."""
+    from fapm_study import prepare
+
+    counts = quick_config().counts
+    sources = prepare.synthetic_sources(counts.general, counts.train + counts.test)
+    monkeypatch.setattr(prepare, "EXTRA_SOURCES", {"knowledge": [], "commonsense": []})
+    before = prepare.build_items(sources, counts)
+    extra = [{"input": f"Extra {i}?", "target_scores": {"yes": 1, "no": 0}} for i in range(9)]
+    monkeypatch.setattr(prepare, "EXTRA_SOURCES", {"knowledge": ["extra"], "commonsense": []})
+    assert prepare.build_items(dict(sources, extra=extra), counts) == before
+    grown = replace(counts, general=len(sources["general_knowledge"]) + 4)
+    knowledge = prepare.build_items(dict(sources, extra=extra), grown)["study_knowledge"]
+    assert len(knowledge) == grown.general
+    assert all(i["query"].startswith("Question: Extra") for i in knowledge[-4:])
+    assert not any(i["query"].startswith("Question: Extra") for i in knowledge[:-4])
+
+
+def test_screen_rule_is_three_standard_errors_above_chance():
+    from fapm_study.screen import qualifies
+
+    # 4 choices, 150 items: one standard error at chance is sqrt(0.25 * 0.75 / 150) = 0.0354
+    assert qualifies(0.25 + 3.01 * 0.0354, 0.25, 150)
+    assert not qualifies(0.25 + 2.99 * 0.0354, 0.25, 150)
+    assert not qualifies(0.20, 0.25, 150)

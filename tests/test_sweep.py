@@ -197,6 +197,10 @@ def test_sweep_writes_results_and_resumes_only_new_points(work):
         assert (out / plot).stat().st_size > 0
     report = (out / "results.md").read_text()
     assert "fapm-0.5" in report and "Rule:" in report
+    # every magnitude point is a rival of FAPM's, with a verdict in results.json and .md
+    assert sorted(v["rival"] for v in data["against_rivals"]) == ["magnitude-0.5",
+                                                                  "magnitude-0.9"]
+    assert "## FAPM against each rival" in report
     recommendation = data["recommendation"]
     if recommendation["chosen"]:
         chosen = next(e for e in data["variants"].values()
@@ -372,6 +376,50 @@ def test_rule_least_forgetting_among_retaining_ties_to_lower_sparsity():
     assert "no sweep point keeps" in recommend(rows, 0.999)["why"]
 
 
+def _rival(name, kind, retention, forgetting, se=0.01):
+    row = _row(name, None, retention, forgetting, se)
+    row["variant"] = {"kind": kind}
+    return row
+
+
+def test_each_rival_is_matched_with_the_best_fapm_point_that_keeps_its_retention():
+    from fapm_merge.sweep.results import against_rivals
+
+    fapm = [_row("fapm-0.9", 0.9, 0.60, 0.00), _row("fapm-0.5", 0.5, 0.90, 0.10),
+            _row("fapm-0.2", 0.2, 0.95, 0.20)]
+    rivals = [
+        _rival("wise-0.5", "wise", 0.85, 0.30),      # fapm-0.5 keeps more, forgets less
+        _rival("spectral", "spectral", 0.99, 0.05),  # no FAPM point keeps 0.99
+        _rival("lowrank-8", "lowrank", 0.60, 0.01),  # fapm-0.9: the same within noise
+        _rival("wise-0.75", "wise", 0.80, 0.02),     # fapm-0.5: keeps more, forgets more
+    ]
+    refs = [_rival("pretrained", "reference", 0.0, 0.0)]
+    verdicts = {v["rival"]: v for v in against_rivals(refs + fapm + rivals)}
+    assert set(verdicts) == {"wise-0.5", "spectral", "lowrank-8", "wise-0.75"}  # no references
+    assert verdicts["wise-0.5"]["fapm"] == "fapm-0.5"
+    assert verdicts["wise-0.5"]["verdict"] == "FAPM better"
+    assert verdicts["wise-0.5"]["forgetting_diff"] == pytest.approx(-0.20)
+    assert verdicts["wise-0.5"]["forgetting_diff_stderr"] == pytest.approx(2 ** 0.5 * 0.01)
+    assert verdicts["spectral"]["fapm"] == "fapm-0.2"  # the highest retention FAPM has
+    assert verdicts["spectral"]["verdict"] == "rival better"
+    assert verdicts["lowrank-8"]["fapm"] == "fapm-0.9"
+    assert verdicts["lowrank-8"]["verdict"] == "no difference"
+    assert verdicts["wise-0.75"]["verdict"] == "trade-off"
+
+
+def test_rival_verdicts_need_standard_errors_and_fapm_points():
+    from fapm_merge.sweep.results import against_rivals
+
+    fapm, wise = _row("fapm-0.9", 0.9, 0.9, 0.0), _rival("wise-0.5", "wise", 0.5, 0.5)
+    wise["figures"]["forgetting_stderr"] = None
+    assert against_rivals([fapm, wise])[0]["verdict"] == "no standard errors"
+    magnitude = _row("magnitude-0.9", 0.9, 0.5, 0.5)
+    magnitude["variant"]["score"] = "magnitude"
+    assert against_rivals([magnitude, _rival("wise-0.5", "wise", 0.5, 0.5)]) == []
+    # a sweep of another score is itself a rival of FAPM's points
+    assert [v["rival"] for v in against_rivals([fapm, magnitude])] == ["magnitude-0.9"]
+
+
 def test_swept_value_lands_where_the_recipe_sets_it_and_nothing_else_changes():
     from fapm_merge.sweep.variants import set_default
 
@@ -387,3 +435,32 @@ def test_swept_value_lands_where_the_recipe_sets_it_and_nothing_else_changes():
                                                            {"value": 0.8}]
     assert "parameters" not in swept
     assert set_default(filtered, "f", "score", "magnitude")["parameters"] == {"score": "magnitude"}
+
+
+def test_edited_task_items_are_rescored_not_reused(work, tmp_path):
+    """The resume key holds a digest of each task's config and data files: the same task
+    names with other items must not reuse the old scores."""
+    import shutil
+
+    from fapm_merge.cli import main
+
+    tasks = tmp_path / "tasks"
+    shutil.copytree(work / "tasks", tasks)
+    for task_yaml in tasks.glob("*.yaml"):  # read the copies, not the module's files
+        task_yaml.write_text(task_yaml.read_text().replace(str(work / "tasks"), str(tasks)))
+
+    def run():
+        result = CliRunner().invoke(main, [
+            "sweep", str(write_recipe(work)), str(tmp_path / "out"), *TASKS, "--include-path",
+            str(tasks), "--quiet", "--sparsity", "0.9"], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    assert "3 of 3 variant(s) to score" in run()
+    assert "all 3 variant(s) already scored" in run()
+    data = tasks / "sw_general2.jsonl"
+    data.write_text("".join(data.read_text().splitlines(keepends=True)[:-2]))
+    assert "3 of 3 variant(s) to score" in run()
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    current = [results["variants"][key] for key in results["current"]]
+    assert {entry["scores"]["sw_general2"]["n"] for entry in current} == {10}

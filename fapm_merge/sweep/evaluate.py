@@ -9,6 +9,8 @@ A task may name its metric: ``TASK:METRIC`` or ``TASK:METRIC,FILTER`` (lm-eval's
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -69,6 +71,44 @@ def parse_tasks(text: Optional[str], option: str) -> List[TaskSpec]:
 def _looks_like_filter(piece: str) -> bool:
     return piece in ("none", "strict-match", "flexible-extract", "strict", "remove_whitespace",
                      "take_first", "get-answer", "score-first", "maj@1", "maj@8", "maj@64")
+
+
+def _file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def task_fingerprint(manager, names: Sequence[str]) -> Dict[str, str]:
+    """``{task: digest}`` of what each task *is*: its lm-eval config with every local data
+    file (``dataset_kwargs.data_files``) replaced by a digest of its contents. Part of the
+    resume key, so editing a task's YAML or its items rescores it instead of reusing scores of
+    other items; moving the files does not. A task lm-eval knows no config for gets ``""``."""
+    def resolve(value):
+        if isinstance(value, str):
+            return _file_digest(value) if os.path.isfile(value) else value
+        if isinstance(value, list):
+            return [resolve(v) for v in value]
+        if isinstance(value, dict):
+            return {k: resolve(v) for k, v in value.items()}
+        return value
+
+    prints = {}
+    for name in names:
+        config = getattr(manager.task_index.get(name), "cfg", None)
+        if not isinstance(config, dict):
+            prints[name] = ""
+            continue
+        config = dict(config)
+        kwargs = dict(config.get("dataset_kwargs") or {})
+        if "data_files" in kwargs:
+            kwargs["data_files"] = resolve(kwargs["data_files"])
+            config["dataset_kwargs"] = kwargs
+        text = json.dumps(config, sort_keys=True, default=str)
+        prints[name] = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return prints
 
 
 def task_manager(include_path: Optional[str], names: Sequence[str]):

@@ -137,6 +137,85 @@ def recommend(rows: List[dict], min_retention: float) -> dict:
             "within_noise": within}
 
 
+def _difference(a: dict, b: dict, key: str) -> Tuple[Optional[float], Optional[float]]:
+    """``a[key] - b[key]`` and its standard error (the two taken as independent, which
+    overstates the error of a paired difference: the verdicts err towards "no difference")."""
+    if a.get(key) is None or b.get(key) is None:
+        return None, None
+    se_a, se_b = a.get(f"{key}_stderr"), b.get(f"{key}_stderr")
+    se = None if se_a is None or se_b is None else math.hypot(se_a, se_b)
+    return a[key] - b[key], se
+
+
+def against_rivals(rows: List[dict], own_score: str = "fapm") -> List[dict]:
+    """One verdict per rival point: is FAPM (sweep points of score ``own_score``) better?
+
+    A rival is every scored variant that is neither a reference nor one of FAPM's points. It is
+    matched with the FAPM point of least forgetting among those keeping at least its retention
+    (if none does, the FAPM point of highest retention). "better" means less forgetting or more
+    retention by more than ``Z`` standard errors of the difference, and not worse in the other
+    by as much; "trade-off" is better in one and worse in the other; otherwise "no difference"
+    (the data cannot tell them apart). Returns ``[{"rival", "fapm", "retention_diff",
+    "retention_diff_stderr", "forgetting_diff", "forgetting_diff_stderr", "verdict"}]`` with
+    differences FAPM minus rival, or ``[]`` without FAPM points or figures.
+    """
+    def scored(row):
+        f = row["figures"]
+        return f.get("retention") is not None and f.get("forgetting") is not None
+
+    own = [r for r in rows if r["variant"]["kind"] == "sweep"
+           and r["variant"].get("score") == own_score and scored(r)]
+    rivals = [r for r in rows if r["variant"]["kind"] != "reference" and r not in own
+              and scored(r)]
+    verdicts = []
+    for rival in rivals if own else []:
+        keeping = [r for r in own if r["figures"]["retention"] >= rival["figures"]["retention"]]
+        match = (min(keeping, key=lambda r: r["figures"]["forgetting"]) if keeping
+                 else max(own, key=lambda r: r["figures"]["retention"]))
+        d_ret, se_ret = _difference(match["figures"], rival["figures"], "retention")
+        d_forg, se_forg = _difference(match["figures"], rival["figures"], "forgetting")
+        if se_ret is None or se_forg is None:
+            verdict = "no standard errors"
+        else:
+            better = d_forg < -Z * se_forg or d_ret > Z * se_ret
+            worse = d_forg > Z * se_forg or d_ret < -Z * se_ret
+            verdict = {(True, False): "FAPM better", (False, True): "rival better",
+                       (True, True): "trade-off", (False, False): "no difference"}[better, worse]
+        verdicts.append({"rival": rival["name"], "fapm": match["name"],
+                         "retention_diff": d_ret, "retention_diff_stderr": se_ret,
+                         "forgetting_diff": d_forg, "forgetting_diff_stderr": se_forg,
+                         "verdict": verdict})
+    return verdicts
+
+
+def rivals_markdown(rows: List[dict], verdicts: List[dict]) -> List[str]:
+    """The results.md section of :func:`against_rivals`."""
+    if not verdicts:
+        return []
+    by_name = {r["name"]: r["figures"] for r in rows}
+    counts = {}
+    for v in verdicts:
+        counts[v["verdict"]] = counts.get(v["verdict"], 0) + 1
+    lines = ["", "## FAPM against each rival", "",
+             "Each rival point is matched with the FAPM point of least forgetting among those "
+             "that keep at least its retention (else the FAPM point of highest retention). "
+             f"Differences are FAPM minus rival, ± one standard error; a verdict needs {Z} "
+             "standard errors (taken as independent, which overstates the noise of these "
+             "paired comparisons).", "",
+             "| rival | retention | forgetting | FAPM point | Δ retention | Δ forgetting "
+             "| verdict |", "|---|---|---|---|---|---|---|"]
+    for v in verdicts:
+        f = by_name[v["rival"]]
+        lines.append(f"| {v['rival']} | {_fmt(f['retention'], f.get('retention_stderr'))} | "
+                     f"{_fmt(f['forgetting'], f.get('forgetting_stderr'))} | {v['fapm']} | "
+                     f"{_fmt(v['retention_diff'], v['retention_diff_stderr'])} | "
+                     f"{_fmt(v['forgetting_diff'], v['forgetting_diff_stderr'])} | "
+                     f"{v['verdict']} |")
+    lines += ["", "In all: " + ", ".join(f"{k} at {n} of {len(verdicts)}"
+                                         for k, n in sorted(counts.items())) + "."]
+    return lines
+
+
 def _fmt(value, se=None, percent=True) -> str:
     if value is None:
         return "n/a"
@@ -146,7 +225,8 @@ def _fmt(value, se=None, percent=True) -> str:
     return text
 
 
-def report_markdown(data: dict, rows: List[dict], choice: dict) -> str:
+def report_markdown(data: dict, rows: List[dict], choice: dict,
+                    verdicts: Sequence[dict] = ()) -> str:
     """results.md: the table of every variant and the recommendation, in plain words."""
     lines = ["# Sparsity sweep", "", f"Recipe: `{data['recipe']['path']}` "
              f"(base `{data['models']['base']['path']}`, fine-tune "
@@ -197,6 +277,7 @@ def report_markdown(data: dict, rows: List[dict], choice: dict) -> str:
             lines += ["", f"Runner-up: {runner['name']} (forgetting "
                       f"{_fmt(g['forgetting'], g.get('forgetting_stderr'))}). "
                       + verdict[choice["within_noise"]]]
+    lines += rivals_markdown(rows, list(verdicts))
     lines += ["", "Plots: `tradeoff-<score>.png` (task retention and forgetting vs sparsity), "
               "`pareto.png` (forgetting vs retention, every variant).", ""]
     return "\n".join(lines)

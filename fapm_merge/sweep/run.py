@@ -152,7 +152,9 @@ def run_sweep(options: SweepOptions, echo=print) -> dict:
     dtype = output_dtype(recipe)
     dtype_name = str(dtype).replace("torch.", "")
     evaluation = {
-        "tasks": [s.label for s in specs], "limit": options.limit,
+        "tasks": [s.label for s in specs],
+        "task_files": ev.task_fingerprint(manager, [s.task for s in specs]),
+        "limit": options.limit,
         "num_fewshot": options.num_fewshot, "lm_eval": _versions()["lm_eval"],
         "dtype": dtype_name, "backend": options.backend,
         "model_args": options.model_args, "bootstrap_iters": options.bootstrap_iters,
@@ -210,6 +212,8 @@ def run_sweep(options: SweepOptions, echo=print) -> dict:
                 res.write_json_atomic(results_path, data)  # saved at once: Ctrl-C loses
         finally:                                           # at most the variant in flight
             scorer.close()
+    else:
+        echo(f"sweep: all {len(keyed)} variant(s) already scored in {results_path}")
     timing["wall_s"] = time.perf_counter() - start
     data["timing"] = {k: round(v, 3) for k, v in timing.items()}
     return finish(data, keyed, options, results_path, task_specs, general_specs, recipe, echo)
@@ -252,7 +256,9 @@ def finish(data, keyed, options, results_path, task_specs, general_specs, recipe
     }
     ordered = [e for e in current if e["variant"]["kind"] != "reference"]
     reference_rows = [references[r] for r in ("pretrained", "finetuned") if r in references]
-    markdown = res.report_markdown(data, reference_rows + ordered, choice)
+    verdicts = res.against_rivals(ordered)
+    data["against_rivals"] = verdicts
+    markdown = res.report_markdown(data, reference_rows + ordered, choice, verdicts)
     res.write_text_atomic(os.path.join(options.out_dir, "results.md"), markdown)
     data["plots"] = [os.path.basename(p) for p in res.plot(options.out_dir, ordered,
                                                            reference_rows)]
