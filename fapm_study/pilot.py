@@ -27,12 +27,17 @@ from fapm_study import prepare
 from fapm_study.config import full_config
 from fapm_study.finetune import finetune
 
-# name -> (path under bigbench/benchmark_tasks/, prompt template, max generated tokens)
+# name -> (path under bigbench/benchmark_tasks/, prompt template, max generated tokens,
+#          default training: examples, epochs, learning rate, max tokens per example);
+# "qasc" is the study's own task, split and training settings (fapm_study/config.py)
 CANDIDATES = {
-    "word_sorting": ("word_sorting", "Sort these words alphabetically: {input}\nAnswer:", 64),
+    "word_sorting": ("word_sorting", "Sort these words alphabetically: {input}\nAnswer:", 64,
+                     (1500, 3, 5e-4, 128)),
+    "qasc": None,
 }
-GENERAL_TASKS = "study_knowledge,study_arithmetic,study_code,study_commonsense"
-EXTRA_TASKS = "study_perplexity"
+# the study's suite with the study's metric per skill
+GENERAL_TASKS = ",".join(f"{task}:{metric}" for task, metric in prepare.GENERAL.values())
+EXTRA_TASKS = ":".join(prepare.PERPLEXITY)
 # the methods and knobs swept (``fapm-merge sweep`` options); the task vector has to carry a
 # task learned from scratch, so the sparsities reach lower than the QASC study's
 SWEEP = ("--sparsity 0.3,0.5,0.7,0.9 --score fapm,magnitude --dare-seeds 0 --wise 0.25,0.5,0.75 "
@@ -43,9 +48,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=list(CANDIDATES), default="word_sorting")
     parser.add_argument("--test", type=int, default=200)
-    parser.add_argument("--train", type=int, help="train on the first N of the rest (default all)")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--learning-rate", type=float, default=3e-4)
+    parser.add_argument("--train", type=int, help="train on the first N of the rest")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "fapm-merge" / "study")
     parser.add_argument("--out", type=Path, help="results folder (default: CACHE/pilot/)")
     parser.add_argument("--no-sweep", action="store_true",
@@ -56,31 +61,42 @@ def main() -> int:
     config = full_config()
     work = args.cache / "pilot" / args.task
     prepared = prepare.prepare(config, args.cache, args.cache / "work")
-    path, template, max_tokens = CANDIDATES[args.task]
-    archive = prepare.pip_download(prepare.DATA_PACKAGE, args.cache / "downloads")
-    examples = prepare.read_bigbench(archive, {args.task: path})[args.task]
-    random.Random(config.seed).shuffle(examples)
-    test, train = examples[:args.test], examples[args.test:][:args.train]
-    name = f"pilot_{args.task}"
     tasks = work / "tasks"
     tasks.mkdir(parents=True, exist_ok=True)
-    for general in (GENERAL_TASKS + "," + EXTRA_TASKS).split(","):  # the study's suite, beside the candidate
+    suite = [task for task, _ in [*prepare.GENERAL.values(), prepare.PERPLEXITY]]
+    if args.task == "qasc":
+        name, template, options = "study_qasc", None, config.training
+        suite.append(name)
+        train = [json.loads(line) for line in
+                 (prepared["tasks"] / "train.jsonl").read_text().splitlines()][:args.train]
+        test = (prepared["tasks"] / f"{name}.jsonl").read_text().splitlines()
+        path = "the study's (fapm_study/prepare.py)"
+    else:
+        path, template, max_tokens, (n_train, epochs, lr, max_length) = CANDIDATES[args.task]
+        options = replace(config.training, epochs=epochs, learning_rate=lr, max_length=max_length)
+        archive = prepare.pip_download(prepare.DATA_PACKAGE, args.cache / "downloads")
+        examples = prepare.read_bigbench(archive, {args.task: path})[args.task]
+        random.Random(config.seed).shuffle(examples)
+        test = examples[:args.test]
+        train = [{"prompt": template.format(input=e["input"].strip()),
+                  "answer": " " + e["target"].strip()}
+                 for e in examples[args.test:][:args.train or n_train]]
+        name = f"pilot_{args.task}"
+        prepare.write_task(name, [{"query": template.format(input=e["input"].strip()),
+                                   "answer": e["target"].strip()} for e in test],
+                           prepare.exact_match_body(max_tokens), tasks)
+    for task in suite:  # the study's suite, beside the candidate
         for suffix in (".yaml", ".jsonl"):
-            (tasks / f"{general}{suffix}").write_bytes(
-                (prepared["tasks"] / f"{general}{suffix}").read_bytes())
-    prepare.write_task(name, [{"query": template.format(input=e["input"].strip()),
-                               "answer": e["target"].strip()} for e in test],
-                       prepare.exact_match_body(max_tokens), tasks)
+            (tasks / f"{task}{suffix}").write_bytes(
+                (prepared["tasks"] / f"{task}{suffix}").read_bytes())
+    options = replace(options, epochs=args.epochs or options.epochs,
+                      learning_rate=args.learning_rate or options.learning_rate)
     train_file = work / "train.jsonl"
-    train_file.write_text("".join(
-        json.dumps({"prompt": template.format(input=e["input"].strip()),
-                    "answer": " " + e["target"].strip()}) + "\n" for e in train))
+    train_file.write_text("".join(json.dumps(e) + "\n" for e in train))
 
     # one folder per training setting, so a rerun with other settings never reuses a fine-tune
-    finetuned = work / f"finetuned-n{len(train)}-e{args.epochs}-lr{args.learning_rate:g}"
+    finetuned = work / f"finetuned-n{len(train)}-e{options.epochs}-lr{options.learning_rate:g}"
     if not (finetuned / "train.json").is_file():
-        options = replace(config.training, epochs=args.epochs, learning_rate=args.learning_rate,
-                          max_length=128)
         finetune(prepared["model"], train_file, finetuned, options)
     training = json.loads((finetuned / "train.json").read_text())
     if args.no_sweep:
