@@ -1,15 +1,17 @@
-"""Pilot of a candidate second downstream task: does its fine-tune have to move the model?
+"""A second downstream task (or the study's own, on the full suite) against every rival.
 
-    python -m fapm_study.pilot [--task word_sorting] [--epochs 3] [--out FOLDER]
+    python -m fapm_study.pilot [--task word_sorting|qasc] [--sweep "OPTIONS"] [--out FOLDER]
 
-A task qualifies when the pre-trained model is near zero on it, the fine-tune reaches a good
-score only after many steps, and WiSE-FT at a small alpha loses much of it (unlike QASC, where
-alpha 0.25 keeps almost all). The pilot reuses the study's stage 1 (the SmolLM2-135M model and
-its general suite, downloaded and cached once), builds the candidate from the BIG-bench archive
-(``--test`` items held out, the rest trained on), fine-tunes every weight with the study's
-trainer, then scores the pre-trained model, the fine-tune, WiSE-FT and FAPM with
-``fapm-merge sweep`` (lm-eval). Writes ``OUT/TASK/sweep/`` (the sweep's results.md / results.json /
-plots and pilot.json with the split sizes and the training summary).
+A second task must make the fine-tune move the model: the pre-trained model near zero, many
+steps to learn it, and WiSE-FT at a small alpha losing much of it (unlike QASC, where alpha
+0.25 keeps almost all). This reuses the study's stage 1 (the SmolLM2-135M model and its general
+suite, downloaded and cached once), builds the task from the BIG-bench archive (``--test`` items
+held out, ``--train`` of the rest trained on; ``qasc`` takes the study's own split and training
+settings), fine-tunes every weight with the study's trainer, then scores the pre-trained model,
+the fine-tune and every method of ``--sweep`` with ``fapm-merge sweep`` (lm-eval, the study's
+suite and metrics). Resumable: a finished fine-tune is reused and the sweep scores only what is
+new. Writes ``OUT/TASK/sweep-<fine-tune>/`` (the sweep's results.md / results.json / plots and
+pilot.json with the split sizes and the training summary).
 """
 
 from __future__ import annotations
