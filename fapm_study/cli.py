@@ -25,7 +25,10 @@ import click
 @click.option("--suite", type=click.Choice(["full", "small"]), default="full", show_default=True,
               help="General suite: full (150 items per skill) or small (40-50 per skill, "
                    "the first committed run's).")
-def study(quick: bool, out_dir, work_dir, cache_dir, threads, suite) -> None:
+@click.option("--second-task/--no-second-task", default=True, show_default=True,
+              help="After the QASC study, fine-tune on BIG-bench word_sorting (learned from "
+                   "scratch) and sweep it; its report goes to OUT/word-sorting.")
+def study(quick: bool, out_dir, work_dir, cache_dir, threads, suite, second_task) -> None:
     """Forgetting study: fine-tune SmolLM2-135M, prune/merge every way, evaluate, plot.
 
     Resumable: a stage whose outputs exist (made with the same settings) is skipped.
@@ -34,4 +37,4 @@ def study(quick: bool, out_dir, work_dir, cache_dir, threads, suite) -> None:
 
     command = "fapm-merge " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     run_study(quick=quick, out_dir=out_dir, work_dir=work_dir, cache_dir=cache_dir,
-              command=command, threads=threads, suite=suite)
+              command=command, threads=threads, suite=suite, second_task=second_task)

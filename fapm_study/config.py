@@ -8,7 +8,7 @@ place. Every stage hashes the part of these settings it depends on (see
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Tuple
+from typing import Optional, Tuple
 
 from fapm_study.finetune import TrainingOptions
 
@@ -63,6 +63,28 @@ class TrainingMethods:
 
 
 @dataclass(frozen=True)
+class SecondTask:
+    """A task the fine-tune has to learn from scratch, studied post hoc (fapm_study/pilot.py).
+
+    BIG-bench ``word_sorting`` with a bare answer: the pre-trained model scores 0, the
+    fine-tune needs hundreds of steps, and WiSE-FT at a small alpha loses most of it (unlike
+    QASC). ``test`` items are held out, the first ``train`` of the rest trained on.
+    """
+
+    name: str = "word_sorting"
+    template: str = "Sort these words alphabetically: {input}\nAnswer:"
+    max_tokens: int = 64
+    test: int = 200
+    train: int = 1500
+    training: TrainingOptions = field(default_factory=lambda: replace(
+        TrainingOptions(), epochs=3, learning_rate=5e-4, max_length=128))
+    # ``fapm-merge sweep`` options: the task vector carries a task learned from scratch, so
+    # the sparsities reach lower than the QASC study's
+    sweep: str = ("--sparsity 0.3,0.5,0.7,0.9 --score fapm,magnitude --dare-seeds 0 "
+                  "--wise 0.25,0.5,0.75 --lines 0 --spectral --lowrank 16,64")
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     quick: bool = False
     seed: int = 0
@@ -71,6 +93,8 @@ class StudyConfig:
     sweeps: Sweeps = field(default_factory=Sweeps)
     training_methods: TrainingMethods = field(default_factory=TrainingMethods)
     eval_batch_size: int = 16
+    # run after the QASC study by ``fapm-merge study`` (None: QASC only)
+    second_task: Optional[SecondTask] = field(default_factory=SecondTask)
 
 
 # The general suite of the first committed run (docs/study/results.md): 40-50 items per skill,
@@ -98,4 +122,7 @@ def quick_config() -> StudyConfig:
         training_methods=TrainingMethods(importance_steps=2, fapm_sparsities=(0.9,),
                                          seeds=(0, 1)),
         eval_batch_size=8,
+        second_task=SecondTask(test=8, train=32, training=replace(
+            TrainingOptions(), epochs=2, batch_size=8, max_length=64, learning_rate=3e-3),
+            sweep="--sparsity 0.9 --score fapm --wise 0.5 --lowrank 4"),
     )

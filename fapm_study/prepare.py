@@ -229,6 +229,17 @@ def synthetic_sources(count: int, labelled: int, seed: int = 0) -> Dict[str, Lis
     return sources
 
 
+def synthetic_word_sorting(count: int, seed: int = 0) -> List[dict]:
+    """``count`` items of BIG-bench ``word_sorting``'s raw schema (quick mode only)."""
+    rng = random.Random(seed)
+    words = ["sky", "grass", "snow", "coal", "sea", "sun", "milk", "rose", "fox", "moral"]
+    items = []
+    for _ in range(count):
+        chosen = rng.sample(words, 3)
+        items.append({"input": " ".join(chosen), "target": " ".join(sorted(chosen))})
+    return items
+
+
 # ---------------------------------------------------------------------- task building
 def qasc_item(example: dict, max_words: int):
     """``(prompt, answer)`` for a QASC item whose short answer is copied from its fact."""

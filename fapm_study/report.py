@@ -15,7 +15,7 @@ import json
 import math
 import shutil
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from fapm_study.prepare import GENERAL
 from fapm_study.variants import METHODS, Variant
@@ -420,6 +420,15 @@ def _portable_recipe(text: str) -> str:
     return _RECIPE_HEADER + text
 
 
+def _second_task_line(second: Optional[dict], totals: dict) -> List[str]:
+    if not second:
+        return []
+    folder = second["task"].replace("_", "-")
+    return [f"- Second task `{second['task']}` ([{folder}/]({folder}/results.md)): fine-tune "
+            f"{second['finetune']:.0f} s + sweep {second['sweep']:.0f} s; **both tasks "
+            f"{totals['both_tasks_wall_s'] / 60:.1f} min**."]
+
+
 def write_report(results, planned, meta, out_dir: Path, recipes: Dict[str, dict],
                  train_summary) -> dict:
     """Write results.json, results.md, the figures and ``recipes/<variant>.yml`` (``recipes``:
@@ -434,7 +443,10 @@ def write_report(results, planned, meta, out_dir: Path, recipes: Dict[str, dict]
                     for t in timings.values() if isinstance(t, dict))
     extra_finetunes_s = sum(timings.get("extra_finetunes_s", {}).values())
     study_s = timings["prepare_s"] + timings["finetune_s"] + extra_finetunes_s + variant_s
-    data = {**meta, "forgetting_noise": noise, "study_wall_s": round(study_s, 1),
+    # the second task's fine-tune and sweep (fapm_study/pilot.py), when the study ran it
+    second = timings.get("second_task")
+    totals = {"both_tasks_wall_s": round(study_s + second["total"], 1)} if second else {}
+    data = {**meta, "forgetting_noise": noise, "study_wall_s": round(study_s, 1), **totals,
             "verdict": sentences, **summary, "raw_scores": results}
     (out_dir / "results.json").write_text(json.dumps(data, indent=1) + "\n")
     plot_tradeoffs(summary, out_dir / "tradeoff.png")
@@ -466,6 +478,7 @@ def write_report(results, planned, meta, out_dir: Path, recipes: Dict[str, dict]
         "(merge + evaluate) "
         f"{variant_s:.0f} s (sum of the stages' own times, also when a stage was reused; "
         f"this invocation took {timings['total_s_this_invocation']:.0f} s).",
+        *_second_task_line(second, totals),
         "- Items: " + ", ".join(f"{k} {v}" for k, v in meta["sizes"].items()),
         f"- Fine-tune: {training['steps']} steps, {training['examples']} examples, "
         f"{training['tokens']} tokens, loss {training['first_loss']:.3f} -> "

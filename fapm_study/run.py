@@ -117,6 +117,7 @@ def run_study(
     command: str = "",
     threads: Optional[int] = None,
     suite: str = "full",
+    second_task: bool = True,
 ) -> dict:
     """Run (or resume) the study and write its report; returns the report's data.
 
@@ -130,6 +131,8 @@ def run_study(
         threads: torch threads (default: :func:`choose_threads`); mergekit gets the same.
         suite: the general suite's size, a key of :data:`fapm_study.config.SUITES` (ignored
             with ``quick`` or ``config``).
+        second_task: also run ``config.second_task`` (:func:`fapm_study.pilot.run_task`),
+            its report in ``out_dir/<task>/``.
     """
     import torch
     from tqdm import tqdm
@@ -263,6 +266,16 @@ def run_study(
                 if scorer is not None:
                     scorer.close()
     planned = planned + extra
+
+    # The second task, learned from scratch: its own fine-tune and sweep, its own report.
+    if second_task and config.second_task is not None:
+        from fapm_study.pilot import run_task
+
+        name = config.second_task.name
+        print(f"[study] second task: {name}", flush=True)
+        second = run_task(config, prepared, name, work_dir / "pilot", cache_dir,
+                          out=out_dir / name.replace("_", "-"), command=command)
+        timings["second_task"] = {"task": name, **second["wall_s"]}
 
     # timings of stages reused from an earlier run come from their stamps
     for name in [v.name for v in planned]:

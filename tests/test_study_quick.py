@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import yaml
@@ -196,9 +197,37 @@ def test_quick_study_end_to_end_and_resume(tmp_path):
     assert "Training-time methods" in markdown
     assert "Best here" in markdown or "no comparison is made" in markdown
 
+    # the second task: a fine-tune of its own, swept, its report published beside the study's
+    second = quick_config().second_task
+    published = report / "word-sorting"
+    for name in ("results.json", "results.md", "pilot.json", "pareto.png"):
+        assert (published / name).is_file(), name
+    pilot = json.loads((published / "pilot.json").read_text())
+    assert (pilot["train_items"], pilot["test_items"]) == (second.train, second.test)
+    assert pilot["training"]["steps"] == second.training.epochs * second.train // 8
+    wall = pilot["wall_s"]
+    assert wall["total"] == pytest.approx(wall["finetune"] + wall["sweep"], abs=0.11)
+    assert data["both_tasks_wall_s"] == pytest.approx(data["study_wall_s"] + wall["total"],
+                                                      abs=0.11)
+    assert f"both tasks {data['both_tasks_wall_s'] / 60:.1f} min" in markdown
+    task_sweep = json.loads((published / "results.json").read_text())
+    assert {task_sweep["variants"][k]["name"] for k in task_sweep["current"]} == {
+        "pretrained", "finetuned", "fapm-0.9", "wise-0.5", "lowrank-4"}
+    task_work = tmp_path / "work/pilot/word_sorting"
+    test_items = [json.loads(line) for line in
+                  (task_work / "tasks/pilot_word_sorting.jsonl").read_text().splitlines()]
+    assert len(test_items) == second.test
+    for item in test_items:  # the answer is the query's words, sorted
+        words = item["query"].split(": ", 1)[1].split("\n")[0].split()
+        assert item["answer"] == " ".join(sorted(words)) and len(words) == 3
+
     # Resuming: every stage is reused, nothing is rewritten, the sweep scores nothing new.
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "work").rglob("stage.json")}
+    second_fine_tune = next(task_work.glob("finetuned-*/train.json")).stat().st_mtime_ns
     run_study(quick=True, threads=1, **paths)
+    assert next(task_work.glob("finetuned-*/train.json")).stat().st_mtime_ns == second_fine_tune
+    assert json.loads((published / "results.json").read_text())["variants"] == \
+        task_sweep["variants"]
     after = {p: p.stat().st_mtime_ns for p in (tmp_path / "work").rglob("stage.json")}
     # tasks, main full SFT, 3 x seeds - 1 more fine-tunes, every training-time variant but
     # the two reused ones (the quick model itself lives in the cache)
@@ -206,6 +235,27 @@ def test_quick_study_end_to_end_and_resume(tmp_path):
     assert len(before) == 1 + 1 + (3 * len(seeds) - 1) + len(trained) - 2
     again = json.loads((tmp_path / "work/posthoc/results.json").read_text())
     assert again["variants"] == json.loads(json.dumps(sweep_data["variants"]))
+
+
+def test_published_task_report_names_no_home_folder(tmp_path, monkeypatch):
+    from fapm_study.pilot import publish
+
+    home = tmp_path / "home" / "someone"
+    monkeypatch.setattr(Path, "home", classmethod(lambda cls: home))
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    (sweep_dir / "results.md").write_text(f"Recipe: `{home}/.cache/x/recipe.yml`\n")
+    (sweep_dir / "results.json").write_text(json.dumps({"recipe": f"{home}/r.yml"}))
+    (sweep_dir / "tradeoff-fapm.png").write_bytes(b"\x89PNG" + str(home).encode())
+    (sweep_dir / "recommended.yml").write_text("models: []\n")
+    publish(sweep_dir, tmp_path / "out")
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md",
+                                                     "tradeoff-fapm.png"]
+    assert (out / "results.md").read_text() == "Recipe: `~/.cache/x/recipe.yml`\n"
+    assert json.loads((out / "results.json").read_text()) == {"recipe": "~/r.yml"}
+    # images are copied byte for byte
+    assert (out / "tradeoff-fapm.png").read_bytes() == (sweep_dir / "tradeoff-fapm.png").read_bytes()
 
 
 def data_model(tmp_path):
