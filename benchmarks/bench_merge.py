@@ -407,6 +407,10 @@ class Run:
     user_s: float
     sys_s: float
     peak_rss_bytes: int
+    # the sampled peak of anonymous memory (RssAnon): what cannot be given back to the page
+    # cache. The RSS peak also counts the inputs' clean, file-backed pages (safetensors are
+    # memory-mapped), which the kernel can drop under pressure.
+    peak_anon_bytes: int = 0
     read_bytes: int = 0  # from storage (page-cache misses), getrusage's ru_inblock
     write_bytes: int = 0
     failed: str = ""  # why the run did not finish (the memory limit), else empty
@@ -417,18 +421,24 @@ class OverMemory(RuntimeError):
     down with it); the run is recorded as failed, the benchmark goes on."""
 
 
-def _resident_bytes(pid: int) -> int:
+def _resident_bytes(pid: int) -> Tuple[int, int]:
+    """(resident, anonymous resident) bytes of a process now; zeros once it has gone."""
+    found = {"VmRSS:": 0, "RssAnon:": 0}
     try:
         with open(f"/proc/{pid}/status") as handle:
-            line = next((row for row in handle if row.startswith("VmRSS:")), "VmRSS: 0 kB")
-        return int(line.split()[1]) * 1024
+            for row in handle:
+                key = row.split(None, 1)[0] if row.strip() else ""
+                if key in found:
+                    found[key] = int(row.split()[1]) * 1024
     except (OSError, ValueError):
-        return 0
+        pass
+    return found["VmRSS:"], found["RssAnon:"]
 
 
 def run_child(command: List[str], log: Path,
-              memory_limit: int = 0) -> Tuple[float, "os.struct_rusage"]:
-    """Run ``command``, wait for it with ``os.wait4``; (wall seconds, its resource usage).
+              memory_limit: int = 0) -> Tuple[float, "os.struct_rusage", int]:
+    """Run ``command``, wait for it with ``os.wait4``; (wall seconds, its resource usage, its
+    peak anonymous memory in bytes, sampled every 50 ms).
 
     ``memory_limit`` (bytes, 0: none): the child is killed once its resident memory passes
     it, and :class:`OverMemory` is raised."""
@@ -438,10 +448,13 @@ def run_child(command: List[str], log: Path,
     env.setdefault("TQDM_DISABLE", "1")
     stopped = threading.Event()
     killed = []
+    peak_anon = [0]
 
     def watch(pid: int) -> None:
-        while not stopped.wait(0.2):
-            if _resident_bytes(pid) > memory_limit:
+        while not stopped.wait(0.05):
+            resident, anon = _resident_bytes(pid)
+            peak_anon[0] = max(peak_anon[0], anon)
+            if memory_limit and resident > memory_limit:
                 killed.append(True)
                 os.kill(pid, 9)
                 return
@@ -450,18 +463,18 @@ def run_child(command: List[str], log: Path,
         start = time.perf_counter()
         child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
         watcher = threading.Thread(target=watch, args=(child.pid,), daemon=True)
-        if memory_limit:
-            watcher.start()
+        watcher.start()
         _, status, usage = os.wait4(child.pid, 0)
         wall = time.perf_counter() - start
         stopped.set()
+        watcher.join()
     child.returncode = os.waitstatus_to_exitcode(status)
     if killed:
         raise OverMemory(f"over the {memory_limit / 1e9:.1f} GB memory limit after {wall:.0f} s")
     if child.returncode != 0:
         tail = log.read_text()[-3000:]
         raise RuntimeError(f"{' '.join(command)} failed ({child.returncode}):\n{tail}")
-    return wall, usage
+    return wall, usage, peak_anon[0]
 
 
 def mergekit_command(method_file: Path, out: Path, shard_bytes: int, device: str) -> List[str]:
@@ -512,7 +525,7 @@ def run_all(
         else:
             command = mergekit_command(work / f"{method}.yml", out, shard_bytes, device)
         try:
-            wall, usage = run_child(command, work / f"{method}.log", memory_limit)
+            wall, usage, peak_anon = run_child(command, work / f"{method}.log", memory_limit)
         except OverMemory as error:
             shutil.rmtree(out, ignore_errors=True)
             progress.update()
@@ -523,7 +536,7 @@ def run_all(
         shutil.rmtree(out, ignore_errors=True)
         progress.update()
         return Run(method, r, wall, usage.ru_utime + usage.ru_stime, usage.ru_utime,
-                   usage.ru_stime, usage.ru_maxrss * 1024, usage.ru_inblock * 512,
+                   usage.ru_stime, usage.ru_maxrss * 1024, peak_anon, usage.ru_inblock * 512,
                    usage.ru_oublock * 512)
 
     runs: List[Run] = []
@@ -554,6 +567,7 @@ def summarize(runs: Sequence[Run]) -> Dict[str, Dict[str, float]]:
             "cpu_s": statistics.median(r.cpu_s for r in mine),
             "sys_s": statistics.median(r.sys_s for r in mine),
             "peak_rss_gb": statistics.median(r.peak_rss_bytes for r in mine) / 1e9,
+            "peak_anon_gb": statistics.median(r.peak_anon_bytes for r in mine) / 1e9,
             "read_gb": statistics.median(r.read_bytes for r in mine) / 1e9,
             "written_gb": statistics.median(r.write_bytes for r in mine) / 1e9,
             "rounds": len(mine),
@@ -587,17 +601,18 @@ def markdown(med: Dict[str, Dict[str, float]], checks: Dict[str, bool], meta: di
         f"{meta['rounds']} rounds, medians; output shards of {meta['out_shard_bytes'] / 1e9:g} GB"
         + (f"; {meta['jobs']} runs at a time, so timings mean nothing." if meta["jobs"] > 1 else "."),
         "",
-        "| method | wall s | CPU s (sys) | peak RSS GB | wall / task_arithmetic | wall / I/O floor "
-        "| CPU / task_arithmetic | RSS / task_arithmetic |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | wall s | CPU s (sys) | peak RSS GB | peak anon GB | wall / task_arithmetic "
+        "| wall / I/O floor | CPU / task_arithmetic | RSS / task_arithmetic |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for method, row in med.items():
         if "failed" in row:
-            lines.append(f"| `{method}` | stopped: {row['failed']} |" + " |" * 6)
+            lines.append(f"| `{method}` | stopped: {row['failed']} |" + " |" * 7)
             continue
         lines.append(
             f"| `{method}` | {row['wall_s']:.1f} | {row['cpu_s']:.1f} ({row['sys_s']:.1f}) "
-            f"| {row['peak_rss_gb']:.2f} | {row.get('wall_vs_ta', float('nan')):.2f} "
+            f"| {row['peak_rss_gb']:.2f} | {row['peak_anon_gb']:.2f} "
+            f"| {row.get('wall_vs_ta', float('nan')):.2f} "
             f"| {row.get('wall_vs_floor', float('nan')):.2f} "
             f"| {row.get('cpu_vs_ta', float('nan')):.2f} | {row.get('rss_vs_ta', float('nan')):.2f} |"
         )
@@ -690,18 +705,19 @@ def scaling_markdown(kind: str, points, fits, checks, meta) -> str:
         + f"device `{meta['device']}`; {meta['rounds']} "
         "round(s) per point, methods interleaved, medians; output shards of "
         f"{meta['out_shard_bytes'] / 1e9:g} GB.", "",
-        f"| {unit}s | method | wall s | CPU s | peak RSS GB | read GB | written GB "
-        "| wall / task_arithmetic | wall / I/O floor | RSS / task_arithmetic |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| {unit}s | method | wall s | CPU s | peak RSS GB | peak anon GB | read GB "
+        "| written GB | wall / task_arithmetic | wall / I/O floor | RSS / task_arithmetic |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for x, med in sorted(points.items()):
         for method, row in med.items():
             if "failed" in row:
-                lines.append(f"| {x} | `{method}` | stopped: {row['failed']} |" + " |" * 7)
+                lines.append(f"| {x} | `{method}` | stopped: {row['failed']} |" + " |" * 8)
                 continue
             lines.append(
                 f"| {x} | `{method}` | {row['wall_s']:.1f} | {row['cpu_s']:.1f} "
-                f"| {row['peak_rss_gb']:.2f} | {row['read_gb']:.2f} | {row['written_gb']:.2f} "
+                f"| {row['peak_rss_gb']:.2f} | {row['peak_anon_gb']:.2f} | {row['read_gb']:.2f} "
+                f"| {row['written_gb']:.2f} "
                 f"| {row.get('wall_vs_ta', float('nan')):.2f} "
                 f"| {row.get('wall_vs_floor', float('nan')):.2f} "
                 f"| {row.get('rss_vs_ta', float('nan')):.2f} |")

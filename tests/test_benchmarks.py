@@ -51,6 +51,8 @@ def test_merge_quick_runs_every_method(quick_results):
     assert {run["method"] for run in result["runs"]} == expected
     for row in result["medians"].values():
         assert row["wall_s"] > 0 and row["cpu_s"] > 0 and row["peak_rss_gb"] > 0
+        # sampled anonymous memory: some, and never more than the resident peak
+        assert 0 < row["peak_anon_gb"] <= row["peak_rss_gb"]
         assert {"wall_vs_ta", "wall_vs_floor", "rss_vs_ta"} <= set(row)
     ta_wall = result["medians"]["task_arithmetic"]["wall_s"]
     for row in result["medians"].values():  # the ratios are what the walls say
