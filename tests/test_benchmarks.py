@@ -147,3 +147,19 @@ def test_fit_line_recovers_a_known_line():
     assert fit["slope"] == pytest.approx(2.0) and fit["intercept"] == pytest.approx(1.0)
     assert fit["slope_se"] == pytest.approx(0.0, abs=1e-12)
     assert max(abs(r) for r in fit["residuals"]) < 1e-12
+
+
+def test_trace_memory_splits_each_tensors_peak_into_anonymous_and_file_backed(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    import bench_merge
+    import trace_memory
+
+    base, (ft,) = bench_merge.build_models(bench_merge.QUICK, tmp_path / "models", 4_000_000)
+    rows = trace_memory.trace("fapm", base, ft)
+    names = {row["tensor"] for row in rows}
+    expected = set(json.loads((base / "model.safetensors.index.json").read_text())["weight_map"])
+    assert names == expected  # one row per output tensor, each saved once
+    assert len(rows) == len(names)
+    for row in rows:  # the two parts, sampled at the same moment, make up the resident set
+        assert 0 < row["RssAnon"] <= row["VmRSS"]
+        assert row["RssAnon"] + row["RssFile"] <= row["VmRSS"] * 1.01 + 1e6
