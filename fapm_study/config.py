@@ -83,6 +83,11 @@ class SecondTask:
     sweep: str = ("--sparsity 0.3,0.5,0.7,0.9 --score fapm,magnitude --dare-seeds 0 "
                   "--wise 0.25,0.5,0.75 --lines 0 --spectral --lowrank 16,64")
 
+    @property
+    def folder(self) -> str:
+        """Where the study publishes this task's report, under its own (``word-sorting``)."""
+        return self.name.replace("_", "-")
+
 
 @dataclass(frozen=True)
 class StudyConfig:

@@ -423,7 +423,7 @@ def _portable_recipe(text: str) -> str:
 def _second_task_line(second: Optional[dict], totals: dict) -> List[str]:
     if not second:
         return []
-    folder = second["task"].replace("_", "-")
+    folder = second["folder"]
     return [f"- Second task `{second['task']}` ([{folder}/]({folder}/results.md)): fine-tune "
             f"{second['finetune']:.0f} s + sweep {second['sweep']:.0f} s; **both tasks "
             f"{totals['both_tasks_wall_s'] / 60:.1f} min**."]

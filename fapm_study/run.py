@@ -271,11 +271,11 @@ def run_study(
     if second_task and config.second_task is not None:
         from fapm_study.pilot import run_task
 
-        name = config.second_task.name
-        print(f"[study] second task: {name}", flush=True)
-        second = run_task(config, prepared, name, work_dir / "pilot", cache_dir,
-                          out=out_dir / name.replace("_", "-"), command=command)
-        timings["second_task"] = {"task": name, **second["wall_s"]}
+        task = config.second_task
+        print(f"[study] second task: {task.name}", flush=True)
+        second = run_task(config, prepared, task.name, work_dir / "pilot", cache_dir,
+                          out=out_dir / task.folder, command=command)
+        timings["second_task"] = {"task": task.name, "folder": task.folder, **second["wall_s"]}
 
     # timings of stages reused from an earlier run come from their stamps
     for name in [v.name for v in planned]:

@@ -199,12 +199,14 @@ def test_quick_study_end_to_end_and_resume(tmp_path):
 
     # the second task: a fine-tune of its own, swept, its report published beside the study's
     second = quick_config().second_task
-    published = report / "word-sorting"
+    assert second.folder == "word-sorting"  # docs/study links to it
+    published = report / second.folder
     for name in ("results.json", "results.md", "pilot.json", "pareto.png"):
         assert (published / name).is_file(), name
     pilot = json.loads((published / "pilot.json").read_text())
     assert (pilot["train_items"], pilot["test_items"]) == (second.train, second.test)
-    assert pilot["training"]["steps"] == second.training.epochs * second.train // 8
+    assert pilot["training"]["steps"] == (
+        second.training.epochs * second.train // second.training.batch_size)
     wall = pilot["wall_s"]
     assert wall["total"] == pytest.approx(wall["finetune"] + wall["sweep"], abs=0.11)
     assert data["both_tasks_wall_s"] == pytest.approx(data["study_wall_s"] + wall["total"],
