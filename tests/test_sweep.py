@@ -184,6 +184,9 @@ def test_sweep_writes_results_and_resumes_only_new_points(work):
             row = entry["scores"][task]
             assert row["metric"] == "acc_norm,none" and row["stderr"] is not None
             assert row["n"] == (12 if task == "sw_general2" else 24)
+            # per-item scores (doc_id order), whose mean is lm-eval's value: what pairs
+            assert len(row["items"]) == row["n"] and set(row["items"]) <= {0, 1}
+            assert sum(row["items"]) / row["n"] == pytest.approx(row["value"], abs=1e-12)
         figures = entry["figures"]
         assert {"task", "retention", "forgetting", "forgetting_stderr"} <= set(figures)
     pre = next(e for e in data["variants"].values() if e["name"] == "pretrained")
@@ -200,6 +203,7 @@ def test_sweep_writes_results_and_resumes_only_new_points(work):
     # every magnitude point is a rival of FAPM's, with a verdict in results.json and .md
     assert sorted(v["rival"] for v in data["against_rivals"]) == ["magnitude-0.5",
                                                                   "magnitude-0.9"]
+    assert all(v["paired"] for v in data["against_rivals"])
     assert "## FAPM against each rival" in report
     recommendation = data["recommendation"]
     if recommendation["chosen"]:
@@ -464,3 +468,120 @@ def test_edited_task_items_are_rescored_not_reused(work, tmp_path):
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     current = [results["variants"][key] for key in results["current"]]
     assert {entry["scores"]["sw_general2"]["n"] for entry in current} == {10}
+
+
+# ----------------------------------------------------------------------------- paired errors
+
+
+def _items_row(name, kind, task_items, general_items, score=None):
+    """A scored variant with per-item values: one task task, one general task."""
+    scores = {"t": {"value": sum(task_items) / len(task_items), "items": task_items,
+                    "stderr": _se(task_items)},
+              "g": {"value": sum(general_items) / len(general_items), "items": general_items,
+                    "stderr": _se(general_items)}}
+    variant = {"kind": kind, "score": score, "sparsity": 0.9 if score else None}
+    if kind == "reference":
+        variant["reference"] = name
+    return {"name": name, "method": kind, "variant": variant, "scores": scores}
+
+
+def _se(items):
+    """lm-eval's standard error of a mean: sample standard deviation / sqrt(n)."""
+    import numpy as np
+
+    return float(np.std(items, ddof=1) / np.sqrt(len(items)))
+
+
+def test_paired_difference_matches_a_direct_computation():
+    import numpy as np
+
+    from fapm_merge.sweep.results import paired_difference
+
+    rng = np.random.default_rng(0)
+    a = {f"t{i}": {"items": rng.integers(0, 2, n).tolist()} for i, n in enumerate((30, 50))}
+    b = {name: {"items": [int(x) if rng.random() < 0.8 else 1 - int(x) for x in row["items"]]}
+         for name, row in a.items()}
+    diff, se = paired_difference(a, b, ["t0", "t1"])
+    per_task = [np.subtract(a[t]["items"], b[t]["items"]) for t in ("t0", "t1")]
+    assert diff == pytest.approx(np.mean([d.mean() for d in per_task]))
+    assert se == pytest.approx(np.sqrt(sum(d.var(ddof=1) / d.size for d in per_task)) / 2)
+    assert paired_difference(a, a, ["t0", "t1"]) == (0.0, 0.0)  # a variant against itself
+    # not the same items: no pairing
+    shorter = dict(b, t1={"items": b["t1"]["items"][:-1]})
+    assert paired_difference(a, shorter, ["t0", "t1"]) is None
+    assert paired_difference(a, {"t0": {"value": 0.5}, "t1": b["t1"]}, ["t0", "t1"]) is None
+
+
+def test_paired_errors_separate_variants_that_agree_on_most_items():
+    """Two variants that differ on a few items only: combined as independent, their errors
+    hide a consistent difference; paired over the same items, it is clear."""
+    from fapm_merge.sweep.results import Comparison, against_rivals, figures
+
+    n = 200
+    pre_general = [1] * 120 + [0] * 80
+    ft = _items_row("finetuned", "reference", [1] * 160 + [0] * 40, [1] * 60 + [0] * 140)
+    pre = _items_row("pretrained", "reference", [0] * n, pre_general)
+    fapm_general = list(pre_general)
+    rival_general = list(pre_general)
+    for i in range(0, 120, 12):  # the rival forgets 10 items that FAPM keeps
+        rival_general[i] = 0
+    fapm = _items_row("fapm-0.9", "sweep", [1] * 160 + [0] * 40, fapm_general, score="fapm")
+    rival = _items_row("wise-0.25", "wise", [1] * 160 + [0] * 40, rival_general)
+    references = {"pretrained": pre, "finetuned": ft}
+    rows = [pre, ft, fapm, rival]
+    for row in rows:
+        row["figures"] = figures(row, references, ["t"], ["g"])
+    independent = {v["rival"]: v for v in against_rivals(rows[2:])}["wise-0.25"]
+    assert not independent["paired"] and independent["verdict"] == "no difference"
+    paired = {v["rival"]: v for v in against_rivals(
+        rows[2:], compare=Comparison(references, ["t"], ["g"]))}["wise-0.25"]
+    assert paired["paired"] and paired["verdict"] == "FAPM better"
+    assert paired["forgetting_diff"] == pytest.approx(independent["forgetting_diff"])
+    assert paired["forgetting_diff"] == pytest.approx(-10 / 120)
+    # the error of (G_a - G_b) / G_pre: the 0/1 differences' own error, then the ratio
+    d = [x - y for x, y in zip(fapm_general, rival_general)]
+    import numpy as np
+
+    numerator_se = np.std(d, ddof=1) / np.sqrt(n)
+    g_pre, g_pre_se = np.mean(pre_general), _se(pre_general)
+    expected = np.hypot(numerator_se / g_pre, (10 / n) * g_pre_se / g_pre ** 2)
+    assert paired["forgetting_diff_stderr"] == pytest.approx(expected)
+    assert paired["forgetting_diff_stderr"] < independent["forgetting_diff_stderr"] / 3
+    assert paired["retention_diff"] == 0 and paired["retention_diff_stderr"] == 0
+
+
+def test_rival_table_marks_unpaired_rows():
+    from fapm_merge.sweep.results import Comparison, against_rivals, figures, rivals_markdown
+
+    ft = _items_row("finetuned", "reference", [1] * 8 + [0] * 2, [1, 0] * 5)
+    pre = _items_row("pretrained", "reference", [0] * 10, [1] * 7 + [0] * 3)
+    fapm = _items_row("fapm-0.9", "sweep", [1] * 8 + [0] * 2, [1] * 7 + [0] * 3, score="fapm")
+    old = _items_row("wise-0.5", "wise", [1] * 7 + [0] * 3, [1] * 6 + [0] * 4)
+    for row in old["scores"].values():  # scored before per-item values were logged
+        del row["items"]
+    references = {"pretrained": pre, "finetuned": ft}
+    for row in (pre, ft, fapm, old):
+        row["figures"] = figures(row, references, ["t"], ["g"])
+    verdicts = against_rivals([fapm, old], compare=Comparison(references, ["t"], ["g"]))
+    assert verdicts[0]["paired"] is False
+    table = "\n".join(rivals_markdown([fapm, old], verdicts))
+    assert "rows marked * lack per-item scores" in table and "| wise-0.5 |" in table
+    assert table.count(" * |") == 1
+
+
+def test_item_values_read_the_metric_and_filter_in_doc_order():
+    from fapm_merge.sweep.evaluate import item_values
+
+    samples = [{"doc_id": 2, "filter": "strict", "exact_match": 1.0},
+               {"doc_id": 0, "filter": "strict", "exact_match": 0.0},
+               {"doc_id": 1, "filter": "strict", "exact_match": 1.0},
+               {"doc_id": 0, "filter": "loose", "exact_match": 1.0},
+               {"doc_id": 1, "filter": "loose", "exact_match": 1.0},
+               {"doc_id": 2, "filter": "loose", "exact_match": 1.0}]
+    assert item_values(samples, "exact_match,strict", 2 / 3) == [0, 1, 1]
+    assert item_values(samples, "exact_match,loose", 1.0) == [1, 1, 1]
+    # a corpus-level metric (perplexity: per-item tuples) or a value that is not the mean
+    perplexity = [{"doc_id": 0, "filter": "none", "word_perplexity": (-3.5, 4)}]
+    assert item_values(perplexity, "word_perplexity,none", 2.4) is None
+    assert item_values(samples, "exact_match,strict", 0.5) is None
+    assert item_values(samples, "acc,strict", 0.5) is None

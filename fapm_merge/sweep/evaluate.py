@@ -201,13 +201,36 @@ def _choose(spec: TaskSpec, available: List[str]) -> str:
     return available[0]
 
 
-def score_results(output: dict, specs: Sequence[TaskSpec]) -> Dict[str, dict]:
-    """``{task: {metric, value, stderr, n}}`` from ``simple_evaluate``'s output.
+def item_values(samples: Sequence[dict], metric_key: str, value: float) -> Optional[List[float]]:
+    """The per-item values of ``metric_key`` (lm-eval's ``metric,filter``) in ``doc_id`` order,
+    from ``simple_evaluate``'s logged samples of one task; None unless the metric is a mean of
+    them (accuracy, exact match, ... but not a perplexity, F1 or BLEU over the whole corpus),
+    checked by comparing their mean with lm-eval's value. Integral values are stored as ints
+    (0/1 for most metrics), which keeps results.json small."""
+    metric, _, filter_name = metric_key.partition(",")
+    rows = sorted(((s["doc_id"], s.get(metric)) for s in samples
+                   if s.get("filter", "none") == (filter_name or "none")), key=lambda r: r[0])
+    values = [v for _, v in rows]
+    if not values or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+        return None
+    if len({doc for doc, _ in rows}) != len(rows):  # repeats (e.g. several samples per doc)
+        return None
+    if abs(sum(values) / len(values) - value) > 1e-9 * max(1.0, abs(value)):
+        return None  # not a plain mean: no per-item pairing for this metric
+    return [int(v) if float(v).is_integer() else float(v) for v in values]
 
-    ``stderr`` is lm-eval's (None where it has none); ``n`` the number of items scored.
+
+def score_results(output: dict, specs: Sequence[TaskSpec]) -> Dict[str, dict]:
+    """``{task: {metric, value, stderr, n[, items]}}`` from ``simple_evaluate``'s output.
+
+    ``stderr`` is lm-eval's (None where it has none); ``n`` the number of items scored;
+    ``items`` the per-item values in ``doc_id`` order where the output holds logged samples
+    and the metric is their mean (:func:`item_values`): what paired comparisons of two
+    variants scored on the same items use.
     """
     results = output.get("results", {})
     samples = output.get("n-samples", {})
+    logged = output.get("samples") or {}
     scores = {}
     for spec in specs:
         row = results.get(spec.task, {})
@@ -224,6 +247,9 @@ def score_results(output: dict, specs: Sequence[TaskSpec]) -> Dict[str, dict]:
         count = samples.get(spec.task, {})
         scores[spec.task] = {"metric": spec.metric, "value": float(value), "stderr": stderr,
                              "n": int(count.get("effective", count.get("original", 0)) or 0)}
+        items = item_values(logged.get(spec.task, []), spec.metric, float(value))
+        if items is not None:
+            scores[spec.task]["items"] = items
     return scores
 
 
@@ -231,7 +257,7 @@ def evaluate(model: Any, specs: Sequence[TaskSpec], manager, *, limit=None, num_
              bootstrap_iters: int = 1000, model_args: Optional[str] = None,
              batch_size=None, device=None) -> Dict[str, dict]:
     """Run lm-eval once on ``model`` (an ``LM`` object, or a backend name with
-    ``model_args``) for every task; returns :func:`score_results`."""
+    ``model_args``) for every task; returns :func:`score_results` (with per-item values)."""
     from lm_eval import evaluator
 
     output = evaluator.simple_evaluate(
@@ -244,7 +270,7 @@ def evaluate(model: Any, specs: Sequence[TaskSpec], manager, *, limit=None, num_
         batch_size=batch_size if isinstance(model, str) else None,
         device=device if isinstance(model, str) else None,
         bootstrap_iters=bootstrap_iters,
-        log_samples=False,
+        log_samples=True,  # per-item scores: differences between variants are paired
         verbosity="WARNING",
     )
     if output is None:  # lm-eval returns None on non-zero ranks of a multi-process run

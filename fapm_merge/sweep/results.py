@@ -11,6 +11,12 @@ Standard errors are lm-eval's per task; a mean of tasks takes ``sqrt(sum se^2) /
 (independent items), and a ratio the first-order propagation
 ``r * sqrt((se_a / a)^2 + (se_b / b)^2)``: approximate, good enough to say whether two
 variants are distinguishable.
+
+Two variants are compared on the *same* items, so the error of their difference is that of the
+per-item differences (:func:`paired_difference`), not the two errors combined as if
+independent: variants that answer most items alike differ far less by chance than either
+score's own error suggests. Pairing needs per-item scores (logged by the sweep since
+``items`` was added to each task's score); without them the independent error is used.
 """
 
 from __future__ import annotations
@@ -100,10 +106,71 @@ def figures(entry: dict, references: dict, task_names: List[str],
     return out
 
 
-def recommend(rows: List[dict], min_retention: float) -> dict:
+def paired_difference(a_scores: dict, b_scores: dict,
+                      names: Sequence[str]) -> Optional[Tuple[float, float]]:
+    """Mean over the tasks ``names`` of the item-by-item difference ``a - b`` and its
+    standard error (per task: the sample standard deviation of the differences over
+    sqrt(n), lm-eval's rule for a mean; over tasks ``sqrt(sum se^2) / m``).
+
+    ``a_scores`` / ``b_scores`` are two variants' ``scores`` (``{task: {"items": [...]}}``,
+    items in lm-eval's ``doc_id`` order). None where a task lacks per-item values in either,
+    or the item counts differ (not the same items), or a task has fewer than 2 items.
+    """
+    means, variances = [], []
+    for name in names:
+        x = a_scores.get(name, {}).get("items")
+        y = b_scores.get(name, {}).get("items")
+        if x is None or y is None or len(x) != len(y) or len(x) < 2:
+            return None
+        d = [p - q for p, q in zip(x, y)]
+        mean = sum(d) / len(d)
+        means.append(mean)
+        variances.append(sum((v - mean) ** 2 for v in d) / (len(d) - 1) / len(d))
+    if not means:
+        return None
+    return sum(means) / len(means), math.sqrt(sum(variances)) / len(means)
+
+
+def _independent(a: dict, b: dict, key: str) -> Tuple[Optional[float], Optional[float], bool]:
+    return (*_difference(a["figures"], b["figures"], key), False)
+
+
+class Comparison:
+    """``compare(a, b, key)`` -> ``(a - b, standard error, paired)`` for ``key`` retention or
+    forgetting of two scored variants (entries with ``scores`` and ``figures``).
+
+    Paired where both logged per-item scores: retention is ``T / T_ft`` and forgetting
+    ``1 - G / G_pre``, so their differences are ``(T_a - T_b) / T_ft`` and
+    ``-(G_a - G_b) / G_pre``; the numerator's error is :func:`paired_difference`'s, the
+    reference's own error enters to first order. Otherwise the independent error.
+    """
+
+    def __init__(self, references: dict, task_names: Sequence[str],
+                 general_names: Sequence[str]):
+        self.references = references
+        self.names = {"retention": list(task_names), "forgetting": list(general_names)}
+        self.reference = {"retention": "finetuned", "forgetting": "pretrained"}
+
+    def __call__(self, a: dict, b: dict, key: str):
+        difference, independent_se = _difference(a["figures"], b["figures"], key)
+        reference = self.references.get(self.reference[key])
+        names = self.names[key]
+        if difference is None or reference is None or not names:
+            return difference, independent_se, False
+        pair = paired_difference(a.get("scores", {}), b.get("scores", {}), names)
+        ref, ref_se = mean_with_stderr([reference["scores"][t] for t in names])
+        if pair is None or ref == 0:
+            return difference, independent_se, False
+        numerator, numerator_se = pair
+        se = math.hypot(numerator_se / ref, numerator * (ref_se or 0.0) / ref ** 2)
+        return difference, se, True
+
+
+def recommend(rows: List[dict], min_retention: float, compare=_independent) -> dict:
     """The rule: among sweep points with retention >= ``min_retention``, the least
     forgetting; ties (equal forgetting) go to the lower sparsity. ``rows`` are the sweep
-    points' entries with their figures. Returns ``{"chosen": row or None, "why": text,
+    points' entries with their figures; ``compare`` (a :class:`Comparison`) judges whether
+    the runner-up is within the noise. Returns ``{"chosen": row or None, "why": text,
     "runner_up": row or None, "within_noise": bool or None}``."""
     qualified = [r for r in rows if r["figures"].get("retention") is not None
                  and r["figures"]["retention"] >= min_retention
@@ -129,17 +196,16 @@ def recommend(rows: List[dict], min_retention: float) -> dict:
     chosen, runner = ordered[0], (ordered[1] if len(ordered) > 1 else None)
     within = None
     if runner is not None:
-        a, b = chosen["figures"], runner["figures"]
-        if a.get("forgetting_stderr") is not None and b.get("forgetting_stderr") is not None:
-            combined = math.hypot(a["forgetting_stderr"], b["forgetting_stderr"])
-            within = abs(a["forgetting"] - b["forgetting"]) <= Z * combined
+        difference, se, _ = compare(chosen, runner, "forgetting")
+        if se is not None:
+            within = abs(difference) <= Z * se
     return {"rule": rule, "chosen": chosen, "why": "", "runner_up": runner,
             "within_noise": within}
 
 
 def _difference(a: dict, b: dict, key: str) -> Tuple[Optional[float], Optional[float]]:
-    """``a[key] - b[key]`` and its standard error (the two taken as independent, which
-    overstates the error of a paired difference: the verdicts err towards "no difference")."""
+    """``a[key] - b[key]`` of two figures dicts and its standard error, the two taken as
+    independent (which overstates the error of a paired difference)."""
     if a.get(key) is None or b.get(key) is None:
         return None, None
     se_a, se_b = a.get(f"{key}_stderr"), b.get(f"{key}_stderr")
@@ -147,7 +213,8 @@ def _difference(a: dict, b: dict, key: str) -> Tuple[Optional[float], Optional[f
     return a[key] - b[key], se
 
 
-def against_rivals(rows: List[dict], own_score: str = "fapm") -> List[dict]:
+def against_rivals(rows: List[dict], own_score: str = "fapm",
+                   compare=_independent) -> List[dict]:
     """One verdict per rival point: is FAPM (sweep points of score ``own_score``) better?
 
     A rival is every scored variant that is neither a reference nor one of FAPM's points. It is
@@ -156,8 +223,10 @@ def against_rivals(rows: List[dict], own_score: str = "fapm") -> List[dict]:
     retention by more than ``Z`` standard errors of the difference, and not worse in the other
     by as much; "trade-off" is better in one and worse in the other; otherwise "no difference"
     (the data cannot tell them apart). Returns ``[{"rival", "fapm", "retention_diff",
-    "retention_diff_stderr", "forgetting_diff", "forgetting_diff_stderr", "verdict"}]`` with
-    differences FAPM minus rival, or ``[]`` without FAPM points or figures.
+    "retention_diff_stderr", "forgetting_diff", "forgetting_diff_stderr", "paired",
+    "verdict"}]`` with differences FAPM minus rival (standard errors from ``compare``, a
+    :class:`Comparison`; ``paired`` when both are paired over items), or ``[]`` without FAPM
+    points or figures.
     """
     def scored(row):
         f = row["figures"]
@@ -172,8 +241,8 @@ def against_rivals(rows: List[dict], own_score: str = "fapm") -> List[dict]:
         keeping = [r for r in own if r["figures"]["retention"] >= rival["figures"]["retention"]]
         match = (min(keeping, key=lambda r: r["figures"]["forgetting"]) if keeping
                  else max(own, key=lambda r: r["figures"]["retention"]))
-        d_ret, se_ret = _difference(match["figures"], rival["figures"], "retention")
-        d_forg, se_forg = _difference(match["figures"], rival["figures"], "forgetting")
+        d_ret, se_ret, paired_ret = compare(match, rival, "retention")
+        d_forg, se_forg, paired_forg = compare(match, rival, "forgetting")
         if se_ret is None or se_forg is None:
             verdict = "no standard errors"
         else:
@@ -184,7 +253,7 @@ def against_rivals(rows: List[dict], own_score: str = "fapm") -> List[dict]:
         verdicts.append({"rival": rival["name"], "fapm": match["name"],
                          "retention_diff": d_ret, "retention_diff_stderr": se_ret,
                          "forgetting_diff": d_forg, "forgetting_diff_stderr": se_forg,
-                         "verdict": verdict})
+                         "paired": paired_ret and paired_forg, "verdict": verdict})
     return verdicts
 
 
@@ -200,8 +269,11 @@ def rivals_markdown(rows: List[dict], verdicts: List[dict]) -> List[str]:
              "Each rival point is matched with the FAPM point of least forgetting among those "
              "that keep at least its retention (else the FAPM point of highest retention). "
              f"Differences are FAPM minus rival, ± one standard error; a verdict needs {Z} "
-             "standard errors (taken as independent, which overstates the noise of these "
-             "paired comparisons).", "",
+             "standard errors. The errors are paired: both were scored on the same items, so "
+             "the error of a difference is that of the item-by-item differences"
+             + ("." if all(v.get("paired") for v in verdicts) else
+                "; rows marked * lack per-item scores (results logged before they were) and "
+                "take the two errors as independent, which overstates the noise."), "",
              "| rival | retention | forgetting | FAPM point | Δ retention | Δ forgetting "
              "| verdict |", "|---|---|---|---|---|---|---|"]
     for v in verdicts:
@@ -210,7 +282,7 @@ def rivals_markdown(rows: List[dict], verdicts: List[dict]) -> List[str]:
                      f"{_fmt(f['forgetting'], f.get('forgetting_stderr'))} | {v['fapm']} | "
                      f"{_fmt(v['retention_diff'], v['retention_diff_stderr'])} | "
                      f"{_fmt(v['forgetting_diff'], v['forgetting_diff_stderr'])} | "
-                     f"{v['verdict']} |")
+                     f"{v['verdict']}{'' if v.get('paired') else ' *'} |")
     lines += ["", "In all: " + ", ".join(f"{k} at {n} of {len(verdicts)}"
                                          for k, n in sorted(counts.items())) + "."]
     return lines

@@ -236,7 +236,8 @@ def finish(data, keyed, options, results_path, task_specs, general_specs, recipe
         entry["figures"] = res.figures(entry, references, task_names, general_names)
         entries[entry["key"]]["figures"] = entry["figures"]
     sweep_rows = [e for e in current if e["variant"]["kind"] == "sweep"]
-    choice = res.recommend(sweep_rows, options.min_retention)
+    compare = res.Comparison(references, task_names, general_names)
+    choice = res.recommend(sweep_rows, options.min_retention, compare)
     recommended_path = os.path.join(options.out_dir, "recommended.yml")
     if choice["chosen"] is not None:
         chosen = choice["chosen"]
@@ -256,7 +257,7 @@ def finish(data, keyed, options, results_path, task_specs, general_specs, recipe
     }
     ordered = [e for e in current if e["variant"]["kind"] != "reference"]
     reference_rows = [references[r] for r in ("pretrained", "finetuned") if r in references]
-    verdicts = res.against_rivals(ordered)
+    verdicts = res.against_rivals(ordered, compare=compare)
     data["against_rivals"] = verdicts
     markdown = res.report_markdown(data, reference_rows + ordered, choice, verdicts)
     res.write_text_atomic(os.path.join(options.out_dir, "results.md"), markdown)
