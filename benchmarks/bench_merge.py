@@ -47,6 +47,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import struct
@@ -624,6 +625,12 @@ def markdown(med: Dict[str, Dict[str, float]], checks: Dict[str, bool], meta: di
 
 # ----------------------------------------------------------------------------- scaling
 
+def _label(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: letters, digits, '.', '_' and '-' only")
+    return text
+
+
 def _counts(text: str) -> List[int]:
     values = [int(part) for part in text.split(",") if part.strip()]
     if not values or min(values) < 1:
@@ -824,6 +831,7 @@ def scaling_main(args, shape: ModelShape, argv) -> int:
         checks = scaling_targets(kind, points, fits, 0 if args.quick else shape.layers)
         stem = "layers" if kind == "layers" else "fine-tunes"
         stem += f"-{name}" + (f"-{counts[0]}" if len(counts) == 1 else "")
+        stem += f"-{args.label}" if args.label else ""
         meta = {"shape": name, "model": ", ".join(f"{k} {v}" for k, v in asdict(shape).items()
                                                  if k != "layers"),
                 "base_layers": args.fine_tune_layers, "device": args.device, "rounds": rounds,
@@ -876,6 +884,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "RAM) and record it as stopped, so one method cannot take the machine")
     parser.add_argument("--delete-after", action="store_true", help="delete the generated "
                         "models after a scaling run (a full-size pair is 32 GB)")
+    parser.add_argument("--label", type=_label, help="suffix of a scaling run's files and docs section "
+                        "(e.g. the machine), so that a run elsewhere sits beside, not over, "
+                        "the published one")
     parser.add_argument("--floor-worker", nargs="+", metavar="OUT BYTES BASE FT",
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -369,9 +369,10 @@ def _next_up(value: float) -> float:
 
 
 def _classify(
-    scores: torch.Tensor, lo: float, hi: float, scratch: dict
+    scores: torch.Tensor, lo: float, hi: float, hi_up: float, scratch: dict
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(``below``, ``inside``) for one slice of scores (no NaN).
+    """(``below``, ``inside``) for one slice of scores (no NaN); ``hi_up`` is
+    ``_next_up(hi)``, computed once per pass by the caller.
 
     ``below``: int32, -1 where ``score <= hi`` and 0 where ``score > hi`` (kept for sure);
     ``inside``: ascending local positions of ``lo <= score <= hi``.
@@ -386,16 +387,16 @@ def _classify(
     device = scores.device
     if scores.dtype == torch.float32 and math.isfinite(lo) and math.isfinite(hi):
         below = _buffer(scratch, "below", m, torch.float32, device)
-        torch.sub(scores, _next_up(hi), out=below)
+        torch.sub(scores, hi_up, out=below)
         below = below.view(torch.int32).bitwise_right_shift_(31)
         under = _buffer(scratch, "under", m, torch.float32, device)
         torch.sub(scores, lo, out=under)
         inside = under.view(torch.int32).bitwise_right_shift_(31).bitwise_xor_(below)
-    else:
-        above = scores > hi
-        below = _buffer(scratch, "below_int", m, torch.int32, device)
-        below.copy_(above).sub_(1)
-        inside = (scores >= lo).logical_xor_(above)
+        return below, inside.nonzero().squeeze(1)
+    above = scores > hi
+    below = _buffer(scratch, "below_int", m, torch.int32, device)
+    below.copy_(above).sub_(1)
+    inside = (scores >= lo).logical_xor_(above)
     return below, inside.nonzero().squeeze(1)
 
 
@@ -417,9 +418,11 @@ def _scan(
     flat indices in ascending order).
     """
 
+    hi_up = _next_up(hi) if math.isfinite(hi) else math.inf
+
     def work(start: int, stop: int, scratch: dict):
         scores = scores_of(start, stop, scratch)
-        below, inside = _classify(scores, lo, hi, scratch)
+        below, inside = _classify(scores, lo, hi, hi_up, scratch)
         count = (stop - start) + int(below.sum(dtype=torch.int32))
         emit(start, stop, below, scratch)
         return count, scores[inside], inside.add_(start)

@@ -7,6 +7,8 @@ them per tensor.
 
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Any, Literal, Optional, Union
 
 import torch
@@ -64,6 +66,8 @@ class FapmMerge(GroupMergeMethod):
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
         base = group.base.tensor
         entries = group.non_base
+        if base.device.type == "cpu":
+            _warn_once_if_cores_busy()
         name = group.metadata.name or "<unnamed tensor>"
         generators = None
         if parameters["score"] == "random":
@@ -103,6 +107,37 @@ class FapmMerge(GroupMergeMethod):
                 seed=parameters["seed"],
             )
         return merged
+
+
+def busy_cores_advice(load: float, cores: int, threads: int) -> Optional[str]:
+    """Advice when torch's intra-op threads will share busy cores, else None.
+
+    The kernel's passes are many short ops, each ending in a barrier of torch's threads; a
+    thread that another job has descheduled stalls every one of them (measured: 2-7x slower
+    on 2 busy cores, docs/benchmarks.md "Threads"), where one thread is not slowed. The kernel
+    never changes the thread count itself (process-global), so it says so instead.
+    """
+    if threads <= 1 or load < cores:
+        return None
+    return (f"the CPU is busy (load {load:.1f} on {cores} cores) and torch runs {threads} "
+            "threads: FAPM's kernel slows down sharply when its threads share busy cores; "
+            "pass --num-threads 1 to mergekit-yaml / fapm-merge run (docs/benchmarks.md, "
+            "'Threads')")
+
+
+_checked_cores = False
+
+
+def _warn_once_if_cores_busy() -> None:
+    """At the first CPU tensor of a process: the load of the minute before (mostly other
+    jobs, as this merge has only begun) against the cores and torch's threads."""
+    global _checked_cores
+    if _checked_cores or not hasattr(os, "getloadavg"):
+        return
+    _checked_cores = True
+    advice = busy_cores_advice(os.getloadavg()[0], os.cpu_count() or 1, torch.get_num_threads())
+    if advice:
+        warnings.warn(advice, RuntimeWarning, stacklevel=2)
 
 
 def _non_finite(group: TensorGroup) -> str:

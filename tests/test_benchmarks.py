@@ -114,7 +114,8 @@ def test_scaling_quick_fits_growth_over_layers_and_fine_tunes(tmp_path):
     slopes reproduce the medians they were fitted to, and the plots are written."""
     out = tmp_path / "scale"
     for args in (["--layers", "1,2,3", "--methods", "task_arithmetic", "fapm"],
-                 ["--fine-tunes", "1,2", "--methods", "ties", "fapm_ties"]):
+                 ["--fine-tunes", "1,2", "--methods", "ties", "fapm_ties",
+                  "--label", "other-box"]):  # a run elsewhere: its own files
         done = _run("bench_merge.py", "--quick", *args, "--out", str(out), tmp_path=tmp_path)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
 
@@ -128,11 +129,12 @@ def test_scaling_quick_fits_growth_over_layers_and_fine_tunes(tmp_path):
     for x, wall, residual in zip((1, 2, 3), walls, fit["residuals"]):
         assert fit["intercept"] + fit["slope"] * x + residual == pytest.approx(wall)
     assert fit["slope_se"] is not None
-    tunes = json.loads((out / "fine-tunes-quick.json").read_text())
+    assert not (out / "fine-tunes-quick.json").exists()
+    tunes = json.loads((out / "fine-tunes-quick-other-box.json").read_text())
     assert sorted(tunes["points"]) == ["1", "2"]
     assert set(tunes["points"]["2"]) == {"io_floor", "ties", "fapm_ties"}
     assert any("fapm_ties wall <= 1.0x ties" in name for name in tunes["targets"])
-    for stem in ("layers-quick", "fine-tunes-quick"):
+    for stem in ("layers-quick", "fine-tunes-quick-other-box"):
         assert (out / f"{stem}.png").stat().st_size > 0
         table = (out / f"{stem}.md").read_text()
         method = "fapm" if stem.startswith("layers") else "fapm_ties"

@@ -29,12 +29,21 @@ def test_demo_merges_and_its_sweep_finds_where_the_task_stays_and_forgetting_goe
     assert rows["pretrained"]["task"] < 0.5 < rows["finetuned"]["task"]
     assert rows["finetuned"]["forgetting"] > 0.5
     # the claim the demo prints: some FAPM point keeps most of the task with little forgetting,
-    # and there FAPM keeps at least as much of the task as magnitude pruning
+    # and there FAPM keeps as much of the task as magnitude pruning: not less by more than
+    # the noise of the difference (paired over the same 100 task items; a point or two either
+    # way is chance, and which way it falls moves with the CPU that trained the demo models)
+    from fapm_merge.sweep.results import Z, Comparison
+
     good = [s for s in SPARSITIES
             if rows[f"fapm-{s:g}"]["retention"] >= 0.9 and rows[f"fapm-{s:g}"]["forgetting"] <= 0.05]
     assert good
-    assert all(rows[f"fapm-{s:g}"]["retention"] >= rows[f"magnitude-{s:g}"]["retention"]
-               for s in good)
+    entries = {data["variants"][k]["name"]: data["variants"][k] for k in data["current"]}
+    compare = Comparison({name: entries[name] for name in ("pretrained", "finetuned")},
+                         ["demo_task"], [t["task"] for t in data["tasks"]["general"]])
+    for s in good:
+        difference, se, paired = compare(entries[f"fapm-{s:g}"], entries[f"magnitude-{s:g}"],
+                                         "retention")
+        assert paired and difference >= -Z * se, (s, difference, se)
     choice = data["recommendation"]
     assert choice["chosen"] is not None
     recommended = tmp_path / "demo" / "sweep" / "recommended.yml"

@@ -129,3 +129,47 @@ def test_the_kernel_runs_at_the_users_thread_count(tmp_path, monkeypatch):
         assert seen and set(seen) == {wanted}
     finally:
         torch.set_num_threads(threads)  # mergekit's own setting outlives its run
+
+
+def test_busy_cores_advice_names_the_fix_only_when_threads_share_busy_cores():
+    from fapm_merge.methods import busy_cores_advice
+
+    assert busy_cores_advice(load=0.3, cores=2, threads=2) is None  # quiet machine
+    assert busy_cores_advice(load=7.5, cores=2, threads=1) is None  # already one thread
+    advice = busy_cores_advice(load=3.8, cores=2, threads=2)
+    assert "--num-threads 1" in advice and "3.8" in advice and "2 cores" in advice
+
+
+def test_a_merge_on_busy_cores_warns_once(tmp_path, monkeypatch):
+    """The advice reaches a real mergekit-yaml run, once per process, and changes nothing."""
+    import warnings
+
+    import yaml
+    from click.testing import CliRunner
+    from mergekit.scripts.run_yaml import main as mergekit_yaml
+
+    import fapm_merge
+    from conftest import fine_tune_of, save_model
+    from fapm_merge import methods
+
+    fapm_merge.register()
+    base_dir = save_model(tmp_path / "base")
+    ft_dir = fine_tune_of(base_dir, tmp_path / "ft", seed=1)
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "fapm", "base_model": str(base_dir),
+                                      "models": [{"model": str(ft_dir)}]}))
+    monkeypatch.setattr(methods, "_checked_cores", False)
+    monkeypatch.setattr(methods.os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # not --num-threads: interop threads can be set once a process
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            done = CliRunner().invoke(mergekit_yaml, [str(recipe), str(tmp_path / "out"),
+                                                      "--quiet"])
+        assert done.exit_code == 0, done.output
+        assert torch.get_num_threads() == 2  # the advice is given, nothing is changed
+    finally:
+        torch.set_num_threads(threads)
+    advice = [w for w in caught if "--num-threads 1" in str(w.message)]
+    assert len(advice) == 1 and advice[0].category is RuntimeWarning
