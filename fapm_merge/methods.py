@@ -113,8 +113,8 @@ def busy_cores_advice(load: float, cores: int, threads: int) -> Optional[str]:
     """Advice when torch's intra-op threads will share busy cores, else None.
 
     The kernel's passes are many short ops, each ending in a barrier of torch's threads; a
-    thread that another job has descheduled stalls every one of them (measured: 2-7x slower
-    on 2 busy cores, docs/benchmarks.md "Threads"), where one thread is not slowed. The kernel
+    thread that another job has descheduled stalls every one of them (docs/benchmarks.md,
+    "Threads": 6.7x slower at 2 threads on 2 busy cores), where one thread is not slowed. The kernel
     never changes the thread count itself (process-global), so it says so instead.
     """
     if threads <= 1 or load < cores:

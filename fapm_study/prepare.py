@@ -87,11 +87,11 @@ def pip_download(requirement: str, folder: Path) -> Path:
     (a package index that lacks the release, no network)."""
     folder.mkdir(parents=True, exist_ok=True)
     name, version = requirement.split("==")
-    prefix = f"{name.replace('-', '_')}-{version}".lower()
+    prefix = f"{name}-{version}".replace("-", "_").lower()  # wheels and sdists spell it so
 
     def present():
         return sorted(p for p in folder.iterdir()
-                      if p.name.replace("-", "_").lower().startswith(prefix.replace("-", "_")))
+                      if p.name.replace("-", "_").lower().startswith(prefix))
 
     if not present():
         done = subprocess.run(

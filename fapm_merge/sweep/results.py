@@ -158,8 +158,10 @@ class Comparison:
         if difference is None or reference is None or not names:
             return difference, independent_se, False
         pair = paired_difference(a.get("scores", {}), b.get("scores", {}), names)
+        if pair is None:
+            return difference, independent_se, False
         ref, ref_se = mean_with_stderr([reference["scores"][t] for t in names])
-        if pair is None or ref == 0:
+        if ref == 0:
             return difference, independent_se, False
         numerator, numerator_se = pair
         se = math.hypot(numerator_se / ref, numerator * (ref_se or 0.0) / ref ** 2)
