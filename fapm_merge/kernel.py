@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from fapm_merge import native
 from fapm_merge.choices import CONSENSUS, RESCALES, SCORES  # re-exported: kernel.SCORES etc.
 
 # A score no real change can fall below: elements that cannot change anything (dW == 0) sit
@@ -516,6 +517,32 @@ def _fapm_top_k(
     lo, hi = _bracket(scorer.sample(_sample_picks(n, base.device)), n, k)
     if not lo > 0:
         return None
+    flat_out = None if out is None else out.view(-1)
+    keep = None if flat_out is not None else torch.empty(n, dtype=torch.bool, device=base.device)
+    if native.applies(scorer.base, scorer.finetuned):  # the same pass as one C loop
+        above, values, indices, finite = native.fapm_scan(
+            scorer.base, scorer.finetuned, scorer.mean, lo, hi, out=flat_out, keep=keep)
+        if not finite:
+            raise NonFiniteWeightsError(_NON_FINITE_CHANGE)
+    else:
+        above, values, indices = _fapm_scan(scorer, lo, hi, flat_out, keep)
+    admitted = _resolve(k, above, values, indices)
+    if admitted is None:
+        return None
+    if flat_out is None:
+        keep[admitted] = True
+        return keep.view(base.shape)
+    flat_out[admitted] = scorer.finetuned[admitted]
+    return out
+
+
+def _fapm_scan(
+    scorer: "_FapmScorer", lo: float, hi: float, flat_out: Optional[torch.Tensor],
+    keep: Optional[torch.Tensor],
+) -> Tuple[int, torch.Tensor, torch.Tensor]:
+    """The fused pass of :func:`_fapm_top_k` in torch operations, slice by slice: writes
+    ``score > hi`` into ``keep`` or the blend into ``flat_out``; returns :func:`_scan`'s."""
+    base = scorer.base
     largest: list = []
 
     def scores_of(start: int, stop: int, scratch: dict) -> torch.Tensor:
@@ -523,14 +550,11 @@ def _fapm_top_k(
         largest.append(peak)  # list.append is atomic; only the set matters, not the order
         return score
 
-    flat_out = None if out is None else out.view(-1)
-    keep = None
     if flat_out is None:
-        keep = torch.empty(n, dtype=torch.bool, device=base.device)
         emit = _mark_kept(keep)
     else:
         bits = _INT_VIEW[base.dtype]
-        base_bits, ft_bits, out_bits = (t.view(bits) for t in (scorer.base, scorer.finetuned, flat_out))
+        base_bits, ft_bits, out_bits = (t.view(bits) for t in (base, scorer.finetuned, flat_out))
 
         def emit(start: int, stop: int, below: torch.Tensor, scratch: dict) -> None:
             # where(kept, W_ft, W_pre) on the bit patterns: W_ft ^ ((W_ft ^ W_pre) & below),
@@ -541,16 +565,9 @@ def _fapm_top_k(
             torch.bitwise_xor(ft_bits[start:stop], base_bits[start:stop], out=target)
             target.bitwise_and_(mask).bitwise_xor_(ft_bits[start:stop])
 
-    above, values, indices = _scan(n, scorer.step, base.device, lo, hi, scores_of, emit)
+    result = _scan(base.numel(), scorer.step, base.device, lo, hi, scores_of, emit)
     _check_finite(largest)
-    admitted = _resolve(k, above, values, indices)
-    if admitted is None:
-        return None
-    if flat_out is None:
-        keep[admitted] = True
-        return keep.view(base.shape)
-    flat_out[admitted] = scorer.finetuned[admitted]
-    return out
+    return result
 
 
 def prune_mask(

@@ -35,9 +35,20 @@ def pair(shape, dtype, seed, unchanged=0.2, zero_base=0.01):
     return base.to(dtype), (base + delta).to(dtype)
 
 
+@pytest.fixture(params=["c", "torch"])
+def fused_pass(request, monkeypatch):
+    """Runs a test with the fused pass in C (where a compiler is at hand) and in torch."""
+    if request.param == "torch":
+        monkeypatch.setenv("FAPM_MERGE_NATIVE", "0")
+    kernel.native.library.cache_clear()
+    yield request.param
+    monkeypatch.delenv("FAPM_MERGE_NATIVE", raising=False)
+    kernel.native.library.cache_clear()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.99, 0.99999])
-def test_fused_path_matches_definition(dtype, sparsity):
+def test_fused_path_matches_definition(dtype, sparsity, fused_pass):
     base, ft = pair((700, 1100), dtype, seed=int(sparsity * 1000))
     assert base.numel() > kernel._DIRECT_SELECTION and base.numel() > kernel._CHUNK
     expected = reference(base, ft, sparsity)
@@ -47,7 +58,7 @@ def test_fused_path_matches_definition(dtype, sparsity):
     assert torch.equal(out, torch.where(expected, ft, base))
 
 
-def test_fused_path_with_heavy_ties_and_non_contiguous_input():
+def test_fused_path_with_heavy_ties_and_non_contiguous_input(fused_pass):
     g = torch.Generator().manual_seed(3)
     base = (torch.randint(1, 4, (900, 800), generator=g).float() * 0.01).bfloat16()
     ft = (base.float() + torch.randint(-2, 3, (900, 800), generator=g).float() * 1e-3).bfloat16()
@@ -71,7 +82,7 @@ def test_fused_path_survives_a_missing_bracket(monkeypatch):
         assert torch.equal(kernel.fapm_prune(base, ft, sparsity), torch.where(expected, ft, base))
 
 
-def test_fused_path_rejects_non_finite_weights():
+def test_fused_path_rejects_non_finite_weights(fused_pass):
     for which in ("base", "ft"):
         base, ft = pair((600, 500), torch.bfloat16, seed=7)
         (base if which == "base" else ft)[123, 45] = float("nan")
@@ -100,19 +111,26 @@ def test_the_kernel_runs_at_the_users_thread_count(tmp_path, monkeypatch):
     import fapm_merge
     from conftest import fine_tune_of, save_model
 
-    seen = []
-    passes = kernel._for_slices
+    seen, fused = [], []
+    passes, c_pass = kernel._for_slices, kernel.native.fapm_scan
 
     def spy(*args, **kwargs):
         seen.append(torch.get_num_threads())
         return passes(*args, **kwargs)
 
+    def c_spy(*args, **kwargs):  # the C pass runs on torch's thread count unless told
+        fused.append(kwargs.get("threads") or torch.get_num_threads())
+        return c_pass(*args, **kwargs)
+
     monkeypatch.setattr(kernel, "_for_slices", spy)
+    monkeypatch.setattr(kernel.native, "fapm_scan", c_spy)
     threads = torch.get_num_threads()
     base, ft = pair((600, 500), torch.bfloat16, seed=2)
     kernel.fapm_prune(base, ft, 0.9)
     kernel.forgetting_score(base, ft)
     assert seen and set(seen) == {threads} and torch.get_num_threads() == threads
+    c_built = kernel.native.library() is not None  # else the torch path runs the whole pass
+    assert set(fused) == ({threads} if c_built else set())
 
     fapm_merge.register()
     base_dir = save_model(tmp_path / "base", intermediate_size=2112)  # fused-path tensors
@@ -122,11 +140,13 @@ def test_the_kernel_runs_at_the_users_thread_count(tmp_path, monkeypatch):
                                       "models": [{"model": str(ft_dir)}]}))
     wanted = 1 if threads > 1 else 2
     seen.clear()
+    fused.clear()
     try:
         done = CliRunner().invoke(mergekit_yaml, [str(recipe), str(tmp_path / "out"),
                                                   "--num-threads", str(wanted), "--quiet"])
         assert done.exit_code == 0, done.output
         assert seen and set(seen) == {wanted}
+        assert set(fused) == ({wanted} if c_built else set())
     finally:
         torch.set_num_threads(threads)  # mergekit's own setting outlives its run
 
