@@ -2,8 +2,10 @@
 
 The kernel runs at torch's current thread count (mergekit's ``--num-threads``, else torch's
 default) and never changes it. This prints what that choice costs, per tensor, for FAPM
-(``fapm_prune``) and for mergekit's ``task_arithmetic`` arithmetic and TIES's magnitude
-sparsification (``mergekit.sparsify``) on the same pair, at each thread count, interleaved (median of ``--repeats``)::
+(``fapm_prune``; its fused pass in C and, for comparison, the torch pass it falls back to)
+and for mergekit's ``task_arithmetic`` arithmetic and TIES's magnitude sparsification
+(``mergekit.sparsify``) on the same pair, at each thread count, interleaved (median of
+``--repeats``)::
 
     python benchmarks/bench_threads.py                 # 4096 x 14336 (an MLP matrix)
     python benchmarks/bench_threads.py --embedding     # and 128256 x 4096 (the embedding)
@@ -19,6 +21,7 @@ import argparse
 import os
 import statistics
 import time
+from unittest import mock
 
 import torch
 
@@ -44,8 +47,14 @@ def methods(base, finetuned):
         kept = sparsify(delta, density=0.1, method=SparsificationMethod.magnitude)
         return (base.float() + kept).to(base.dtype)
 
-    return {"task_arithmetic": task_arithmetic, "ties (magnitude 0.1)": ties,
-            "fapm 0.9": lambda: kernel.fapm_prune(base, finetuned, 0.9)}
+    def fapm_torch_pass():  # the fallback without a C compiler (FAPM_MERGE_NATIVE=0)
+        with mock.patch.object(kernel.native, "applies", return_value=False):
+            return kernel.fapm_prune(base, finetuned, 0.9)
+
+    fapm = {"fapm 0.9": lambda: kernel.fapm_prune(base, finetuned, 0.9)}
+    if kernel.native.library() is not None:
+        fapm = {"fapm 0.9 (C pass)": fapm["fapm 0.9"], "fapm 0.9 (torch pass)": fapm_torch_pass}
+    return {"task_arithmetic": task_arithmetic, "ties (magnitude 0.1)": ties, **fapm}
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ from mergekit.merge_methods.base import (
 from pydantic import Field
 from typing_extensions import Annotated
 
-from fapm_merge import choices, kernel, manifest
+from fapm_merge import choices, kernel, manifest, native
 
 PAPER_URL = "https://arxiv.org/abs/2509.08255"
 
@@ -66,7 +66,9 @@ class FapmMerge(GroupMergeMethod):
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
         base = group.base.tensor
         entries = group.non_base
-        if base.device.type == "cpu":
+        fused_in_c = (parameters["score"] == "fapm" and base.dtype in native.DTYPES
+                      and native.library() is not None)
+        if base.device.type == "cpu" and not fused_in_c:  # torch passes: busy cores hurt
             _warn_once_if_cores_busy()
         name = group.metadata.name or "<unnamed tensor>"
         generators = None
@@ -112,17 +114,20 @@ class FapmMerge(GroupMergeMethod):
 def busy_cores_advice(load: float, cores: int, threads: int) -> Optional[str]:
     """Advice when torch's intra-op threads will share busy cores, else None.
 
-    The kernel's passes are many short ops, each ending in a barrier of torch's threads; a
-    thread that another job has descheduled stalls every one of them (docs/benchmarks.md,
-    "Threads": 6.7x slower at 2 threads on 2 busy cores), where one thread is not slowed. The kernel
-    never changes the thread count itself (process-global), so it says so instead.
+    The kernel's torch passes (FAPM without a C compiler, with ``FAPM_MERGE_NATIVE=0`` or on
+    float16; the other scores' selection) are many short ops, each ending in a barrier of
+    torch's threads: a thread that another job has descheduled stalls every one of them
+    (docs/benchmarks.md, "Threads": 39x slower at 2 threads on 2 busy cores), where one
+    thread is not slowed. FAPM's C pass hands out whole slices and is not slowed, so merges
+    that take it get no advice. The kernel never changes the thread count itself
+    (process-global), so it says so instead.
     """
     if threads <= 1 or load < cores:
         return None
     return (f"the CPU is busy (load {load:.1f} on {cores} cores) and torch runs {threads} "
-            "threads: FAPM's kernel slows down sharply when its threads share busy cores; "
-            "pass --num-threads 1 to mergekit-yaml / fapm-merge run (docs/benchmarks.md, "
-            "'Threads')")
+            "threads: the kernel's torch passes slow down sharply when their threads share "
+            "busy cores; pass --num-threads 1 to mergekit-yaml / fapm-merge run "
+            "(docs/benchmarks.md, 'Threads')")
 
 
 _checked_cores = False
