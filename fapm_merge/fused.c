@@ -39,12 +39,13 @@ static inline float from_bf16(uint16_t bits) {
 
 static inline float from_f32(float value) { return value; }
 
-/* Scores of one block into `scores`, the kept elements into `out` (or `keep`); returns the
- * number kept, and clears *finite on a NaN or infinite |dW|. */
+/* Scores of one block into `scores`, the kept elements into `out` (or `keep`), and a 0/1
+ * flag per element into `inside` (lo <= score <= hi); returns the number kept, and clears
+ * *finite on a NaN or infinite |dW|. No branch: the compiler vectorizes it. */
 #define SCORE_BLOCK(NAME, T, LOAD)                                                          \
     VECTOR_CLONES static int64_t NAME(const T *base, const T *ft, int64_t m, float neg_mean, \
-                                      float hi, T *out, uint8_t *keep, float *scores,       \
-                                      int32_t *finite) {                                    \
+                                      float lo, float hi, T *out, uint8_t *keep,            \
+                                      float *scores, uint8_t *inside, int32_t *finite) {    \
         int64_t kept = 0;                                                                   \
         int32_t ok = 1;                                                                     \
         for (int64_t i = 0; i < m; i++) {                                                   \
@@ -59,6 +60,7 @@ static inline float from_f32(float value) { return value; }
             int32_t above = score > hi;                                                     \
             kept += above;                                                                  \
             scores[i] = score;                                                              \
+            inside[i] = (uint8_t)((score >= lo) & !above);                                  \
             if (out) out[i] = above ? ft[i] : base[i];                                      \
             else keep[i] = (uint8_t)above;                                                  \
         }                                                                                   \
@@ -69,6 +71,33 @@ static inline float from_f32(float value) { return value; }
 SCORE_BLOCK(score_block_bf16, uint16_t, from_bf16)
 SCORE_BLOCK(score_block_f32, float, from_f32)
 
+/* The flagged elements of one block, in ascending order, into values / indices. Candidates
+ * are rare (about 1% of a tensor), so the flags are read eight at a time and a word with
+ * none is skipped; a branch per element would cost more than scoring it. */
+static int64_t collect(const float *scores, const uint8_t *inside, int64_t m, int64_t first,
+                       float *values, int64_t *indices) {
+    int64_t count = 0;
+#if defined(__GNUC__) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    for (int64_t w = 0; w < m; w += 8) {
+        uint64_t word;
+        memcpy(&word, inside + w, sizeof word);
+        while (word) { /* lowest set byte first: the lowest index (little-endian) */
+            int64_t i = w + __builtin_ctzll(word) / 8;
+            values[count] = scores[i];
+            indices[count++] = first + i;
+            word &= word - 1;
+        }
+    }
+#else
+    for (int64_t i = 0; i < m; i++) {
+        values[count] = scores[i];
+        indices[count] = first + i;
+        count += inside[i];
+    }
+#endif
+    return count;
+}
+
 /* One slice of n elements starting at flat index `offset`. dtype: 0 bfloat16, 1 float32.
  * `out` (same dtype, may be NULL) gets where(kept, W_ft, W_pre); otherwise `keep` gets the
  * kept flags (0/1). `values` / `indices` (room for n each) get the candidates. Returns the
@@ -78,6 +107,7 @@ int64_t fapm_fused_slice(const void *base, const void *ft, int32_t dtype, int64_
                          float *values, int64_t *indices, int64_t offset, int64_t *above,
                          int32_t *finite) {
     float scores[BLOCK];
+    uint8_t inside[BLOCK + 8]; /* 8 spare flags, always 0, so the scan reads whole words */
     int64_t count = 0, kept = 0;
     *finite = 1;
     for (int64_t start = 0; start < n; start += BLOCK) {
@@ -86,20 +116,16 @@ int64_t fapm_fused_slice(const void *base, const void *ft, int32_t dtype, int64_
         if (dtype == 0) {
             const uint16_t *b = (const uint16_t *)base + start, *f = (const uint16_t *)ft + start;
             uint16_t *o = out ? (uint16_t *)out + start : NULL;
-            kept += score_block_bf16(b, f, m, neg_mean, hi, o, keep_block, scores, finite);
+            kept += score_block_bf16(b, f, m, neg_mean, lo, hi, o, keep_block, scores, inside,
+                                     finite);
         } else {
             const float *b = (const float *)base + start, *f = (const float *)ft + start;
             float *o = out ? (float *)out + start : NULL;
-            kept += score_block_f32(b, f, m, neg_mean, hi, o, keep_block, scores, finite);
+            kept += score_block_f32(b, f, m, neg_mean, lo, hi, o, keep_block, scores, inside,
+                                    finite);
         }
-        for (int64_t i = 0; i < m; i++) {
-            float score = scores[i];
-            if (score >= lo && score <= hi) {
-                values[count] = score;
-                indices[count] = offset + start + i;
-                count++;
-            }
-        }
+        memset(inside + m, 0, 8);
+        count += collect(scores, inside, m, offset + start, values + count, indices + count);
     }
     *above = kept;
     return count;

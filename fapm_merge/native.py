@@ -19,13 +19,14 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -47,13 +48,15 @@ def cache_dir() -> Path:
     return Path(root) / "fapm-merge"
 
 
-def _compiler() -> Optional[str]:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+def _compiler() -> Optional[List[str]]:
+    """The C compiler's command: ``$CC`` (which may carry words: ``ccache gcc``), else cc."""
+    named = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    return shlex.split(named) if named else None
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: List[str]) -> Path:
     """The compiled library's path, compiling it if this source and compiler have none."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True,
                              timeout=60).stdout
     key = hashlib.sha256(
         "\0".join([SOURCE.read_text(), version, platform.machine(), *FLAGS]).encode()
@@ -65,10 +68,11 @@ def _build(compiler: str) -> Path:
     handle, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
     os.close(handle)
     try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial],
+        done = subprocess.run([*compiler, *FLAGS, str(SOURCE), "-o", partial],
                               capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
-            raise RuntimeError(done.stderr.strip() or f"{compiler} exited {done.returncode}")
+            raise RuntimeError(done.stderr.strip()[-2000:]
+                               or f"{shlex.join(compiler)} exited {done.returncode}")
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):
@@ -79,7 +83,7 @@ def _build(compiler: str) -> Path:
 @functools.lru_cache(maxsize=None)
 def library() -> Optional[ctypes.CDLL]:
     """The loaded library, or None (disabled, no compiler, or the build failed: logged once)."""
-    if os.environ.get("FAPM_MERGE_NATIVE", "1") == "0":
+    if os.environ.get("FAPM_MERGE_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
     compiler = _compiler()
     if compiler is None:
@@ -92,7 +96,7 @@ def library() -> Optional[ctypes.CDLL]:
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         log.warning("fapm-merge: building the fused FAPM pass with %s failed (%s); FAPM runs "
                     "its torch path: same results, slower on CPU. FAPM_MERGE_NATIVE=0 hides "
-                    "this.", compiler, error)
+                    "this.", shlex.join(compiler), error)
         return None
     f = lib.fapm_fused_slice
     f.restype = ctypes.c_int64
