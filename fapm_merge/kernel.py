@@ -506,7 +506,8 @@ def _fapm_top_k(
     0.5): then every element that can be kept has a positive score, which the raw slice score
     gives exactly, and the edge-case fix-up (-inf, clamping) can be skipped since it only
     touches scores <= 0. Elsewhere (and for a bracket that misses) None is returned, and the
-    caller takes the general path.
+    caller takes the general path. On CPU, for bfloat16 and float32 pairs, the pass is one C
+    loop (:mod:`fapm_merge.native`), bit for bit the torch pass :func:`_fapm_scan`.
     """
     n = base.numel()
     if n <= _DIRECT_SELECTION or not 0 < k < n:

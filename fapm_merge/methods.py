@@ -117,7 +117,7 @@ def busy_cores_advice(load: float, cores: int, threads: int) -> Optional[str]:
     The kernel's torch passes (FAPM without a C compiler, with ``FAPM_MERGE_NATIVE=0`` or on
     float16; the other scores' selection) are many short ops, each ending in a barrier of
     torch's threads: a thread that another job has descheduled stalls every one of them
-    (docs/benchmarks.md, "Threads": 39x slower at 2 threads on 2 busy cores), where one
+    (docs/benchmarks.md, "Threads": 2-39x slower at 2 threads on 2 busy cores), where one
     thread is not slowed. FAPM's C pass hands out whole slices and is not slowed, so merges
     that take it get no advice. The kernel never changes the thread count itself
     (process-global), so it says so instead.
