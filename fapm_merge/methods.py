@@ -66,8 +66,7 @@ class FapmMerge(GroupMergeMethod):
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
         base = group.base.tensor
         entries = group.non_base
-        fused_in_c = (parameters["score"] == "fapm" and base.dtype in native.DTYPES
-                      and native.library() is not None)
+        fused_in_c = parameters["score"] == "fapm" and native.takes(base.dtype)
         if base.device.type == "cpu" and not fused_in_c:  # torch passes: busy cores hurt
             _warn_once_if_cores_busy()
         name = group.metadata.name or "<unnamed tensor>"

@@ -107,16 +107,20 @@ def library() -> Optional[ctypes.CDLL]:
     return lib
 
 
+def takes(dtype: torch.dtype) -> bool:
+    """Whether the fused C pass is built and takes CPU tensors of this dtype."""
+    return dtype in DTYPES and library() is not None
+
+
 def applies(base: torch.Tensor, finetuned: torch.Tensor) -> bool:
     """Whether the fused C pass takes this pair: CPU, contiguous, both bfloat16 or float32."""
     return (
         base.device.type == "cpu"
         and finetuned.device == base.device
         and base.dtype == finetuned.dtype
-        and base.dtype in DTYPES
         and base.is_contiguous()
         and finetuned.is_contiguous()
-        and library() is not None
+        and takes(base.dtype)
     )
 
 
